@@ -1,0 +1,277 @@
+"""Build any timm model (or any nn.Module by class path), tap its features uniformly, load local weights safely.
+
+A *tap* names where features are read:
+- ``"pooled"``: the pre-logits vector (``forward_head(..., pre_logits=True)``), width ``head_hidden_size``;
+- a stage name from ``model.feature_info`` (``"layer4"`` for a ResNet, ``"blocks.5"`` for a ViT,
+  ``"stages.3"`` for a ConvNeXt, ``"layers.1"`` for a Swin): an NCHW map from ``forward_intermediates``;
+- an integer index into ``feature_info`` (``-1`` is the last stage).
+Models that are not timm models are tapped with forward hooks on the named module (``dict(named_modules())``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+Tap = str | int
+POOLED = "pooled"
+
+
+def build_model(arch: str, num_classes: int, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A timm architecture name, or a dotted ``package.module.Class`` path to any nn.Module.
+
+    Never downloads: weights come from local checkpoints (``load_weights``).
+    """
+    kwargs = dict(model_kwargs or {})
+    if "." in arch and not timm.is_model(arch):
+        module_name, _, class_name = arch.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"Cannot import model class {arch!r}: {err}. Give a timm model name "
+                             f"(timm.list_models()) or an importable 'package.module.Class'.") from err
+        return cls(num_classes=num_classes, **kwargs)
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise ValueError(f"Unknown architecture {arch!r}: not a timm model name. Similar names: {close}")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Feature taps
+
+
+@dataclass
+class Features:
+    """What one network produced for a batch: features per tap (in tap order) and logits."""
+
+    taps: list[Tensor]
+    logits: Tensor
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    return hasattr(model, "forward_intermediates") and hasattr(model, "feature_info")
+
+
+def valid_taps(model: nn.Module) -> list[str]:
+    if is_timm_model(model):
+        return [POOLED] + [info["module"] for info in model.feature_info]
+    return [name for name, _ in model.named_modules() if name]
+
+
+class FeatureTapper:
+    """Runs a model once and returns its logits together with the features at the requested taps."""
+
+    def __init__(self, model: nn.Module, taps: Sequence[Tap], owner: str = "model") -> None:
+        self.model = model
+        self.taps = list(taps)
+        self.owner = owner
+        self.timm = is_timm_model(model)
+        names = valid_taps(model)
+        self._stage_index: dict[int, int] = {}  # position in self.taps -> feature_info index
+        for pos, tap in enumerate(self.taps):
+            if self.timm and tap == POOLED:
+                continue
+            if self.timm and isinstance(tap, int):
+                n = len(model.feature_info)
+                if not -n <= tap < n:
+                    raise ValueError(f"{owner}: tap index {tap} is out of range for {n} stages; "
+                                     f"valid taps: {names}")
+                self._stage_index[pos] = tap % n
+            elif tap in names:
+                if self.timm:
+                    self._stage_index[pos] = names.index(tap) - 1
+            else:
+                raise ValueError(f"{owner}: unknown tap {tap!r}. Valid taps: {names}")
+
+    def __call__(self, x: Tensor) -> Features:
+        if not self.timm:
+            return self._hooked(x)
+        model = self.model
+        maps: dict[int, Tensor] = {}
+        if self._stage_index:
+            indices = sorted(set(self._stage_index.values()))
+            final, inter = model.forward_intermediates(x, indices=indices, intermediates_only=False)
+            maps = dict(zip(indices, inter))
+        else:
+            final = model.forward_features(x)
+        pooled = model.forward_head(final, pre_logits=True)
+        logits = model.get_classifier()(pooled)
+        taps = [pooled if pos not in self._stage_index else maps[self._stage_index[pos]]
+                for pos in range(len(self.taps))]
+        return Features(taps, logits)
+
+    def _hooked(self, x: Tensor) -> Features:
+        modules = dict(self.model.named_modules())
+        captured: dict[str, Tensor] = {}
+        handles = [modules[str(t)].register_forward_hook(
+            lambda _m, _i, out, name=str(t): captured.__setitem__(name, out)) for t in self.taps]
+        try:
+            logits = self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return Features([tokens_to_map(captured[str(t)]) for t in self.taps], logits)
+
+
+def tokens_to_map(x: Tensor) -> Tensor:
+    """NCHW stays; ``[B, L, C]`` tokens become an NCHW map, dropping leading prefix (class/register) tokens."""
+    if x.ndim != 3:
+        return x
+    b, n, c = x.shape
+    side = math.isqrt(n)
+    prefix = n - side * side
+    return x[:, prefix:].transpose(1, 2).reshape(b, c, side, side)
+
+
+def tap_shapes(model: nn.Module, taps: Sequence[Tap], input_size: int, owner: str) -> list[tuple[int, ...]]:
+    """Per-sample shapes of the tapped features, from one dry run on a 2-image batch."""
+    tapper = FeatureTapper(model, taps, owner)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            feats = tapper(torch.zeros(2, 3, input_size, input_size, device=next(model.parameters()).device))
+    except RuntimeError as err:
+        raise ValueError(f"{owner}: the model does not run on {input_size}x{input_size} inputs ({err}). "
+                         f"Set a larger input_size for it.") from err
+    finally:
+        model.train(was_training)
+    return [tuple(f.shape[1:]) for f in feats.taps]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Safe weight loading
+
+PREFIXES = ("model.", "module.", "backbone.", "net.", "student.", "_orig_mod.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors from .safetensors, or from .pth/.pt/.bin/.ckpt through ``torch.load(weights_only=True)``.
+
+    Never unpickles code: a checkpoint that needs arbitrary objects is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist. Check the path in your config.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"Checkpoint {str(path)!r} is not a readable safetensors file: {err}") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"Refused to load {str(path)!r}: it is not a plain tensor checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Loading it would mean running pickled code. "
+            f"Re-save its state_dict with safetensors (safetensors.torch.save_file) or as plain tensors."
+        ) from err
+    for key in ("state_dict", "model", "model_state_dict", "module"):  # Lightning / common trainers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"Checkpoint {str(path)!r} holds no state_dict of tensors.")
+    return obj
+
+
+def strip_prefix(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """Drop a wrapper prefix (``model.``, ``module.``, ...) so the keys meet the model's own keys."""
+    best = state
+    best_hits = len(expected & state.keys())
+    candidates = {k.split(".", 1)[0] + "." for k in state if "." in k} | set(PREFIXES)
+    for prefix in candidates:
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        hits = len(expected & stripped.keys())
+        if hits > best_hits:
+            best, best_hits = stripped, hits
+    return best
+
+
+def load_weights(model: nn.Module, path: str | Path, owner: str, num_classes: int | None = None) -> None:
+    """Load a local checkpoint into ``model`` strictly, with errors that name the owner and the keys."""
+    own = model.state_dict()
+    state = strip_prefix(read_state_dict(path), set(own))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if not (set(own) & set(state)):
+        raise ValueError(f"{owner}: checkpoint {str(path)!r} shares no parameter names with the model; "
+                         f"is it the right architecture? Model keys start {sorted(own)[:3]}, "
+                         f"checkpoint keys start {sorted(state)[:3]}.")
+    mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if mismatched:
+        head = _head_mismatch(model, state, own, mismatched)
+        if head is not None and num_classes is not None:
+            raise ValueError(f"{owner}: the checkpoint's head has {head} outputs but {num_classes} class "
+                             f"names were given ({str(path)!r}). Give exactly the classes it was trained on.")
+        detail = ", ".join(f"{k}: model {tuple(own[k].shape)} vs checkpoint {tuple(state[k].shape)}"
+                           for k in sorted(mismatched)[:5])
+        raise ValueError(f"{owner}: checkpoint {str(path)!r} does not fit the architecture ({detail}).")
+    if missing or unexpected:
+        raise ValueError(f"{owner}: checkpoint {str(path)!r} does not match the model: "
+                         f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                         f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}.")
+    model.load_state_dict(state)
+
+
+def _head_mismatch(model: nn.Module, state: dict, own: dict, mismatched: list[str]) -> int | None:
+    """The checkpoint's class count when the only mismatch is the classifier head."""
+    try:
+        head = model.get_classifier()
+    except AttributeError:
+        return None
+    head_keys = {name for name, module in model.named_modules() if module is head}
+    prefix = next(iter(head_keys), None)
+    if prefix is None or not all(k.startswith(prefix + ".") for k in mismatched):
+        return None
+    weight = state.get(prefix + ".weight")
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def default_preprocessing(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """Input size, mean and std from a timm model's pretrained config (ImageNet defaults otherwise)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size", (3, 224, 224))[-1]
+    return int(size), tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+class TappedNetwork(nn.Module):
+    """A model with its own preprocessing and feature taps: float [0,1] images in, ``Features`` out.
+
+    Each network resizes and normalises the shared batch itself, so teachers of different families
+    (ImageNet mean for CNNs, 0.5 for ViTs, other input sizes) all see the same augmented view correctly.
+    """
+
+    def __init__(self, arch: str, num_classes: int, taps: Sequence[Tap] = (), input_size: int | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 model_kwargs: dict[str, Any] | None = None, owner: str = "model") -> None:
+        super().__init__()
+        self.model = build_model(arch, num_classes, model_kwargs)
+        size, default_mean, default_std = default_preprocessing(self.model)
+        self.input_size = int(input_size or size)
+        self.register_buffer("mean", torch.tensor(mean or default_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std or default_std).view(1, -1, 1, 1), persistent=False)
+        self.tapper = FeatureTapper(self.model, taps, owner)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = nn.functional.interpolate(images, size=(self.input_size, self.input_size),
+                                               mode="bilinear", antialias=True, align_corners=False)
+        return (images - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> Features:
+        return self.tapper(self.preprocess(images))
+
+    def tap_shapes(self) -> list[tuple[int, ...]]:
+        return tap_shapes(self.model, self.tapper.taps, self.input_size, self.tapper.owner)

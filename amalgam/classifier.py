@@ -1,0 +1,78 @@
+"""A supervised classifier: trains a specialist teacher on one task's labelled classes, with the same CLI.
+
+Its checkpoint is a Lightning .ckpt whose weights carry the ``net.model.`` prefix; a teacher entry with the
+same ``arch``, ``classes`` and ``model_kwargs`` loads it directly (the prefix is stripped).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from amalgam.backbones import TappedNetwork
+
+
+class Classifier(L.LightningModule):
+    """Args:
+    arch: timm model name (or ``package.module.Class``).
+    classes: class names, in label order; the data module's task must list the same ones.
+    task: the task name (for logs and for matching the data module).
+    input_size, mean, std, model_kwargs: preprocessing and constructor options, as for a teacher.
+    lr, weight_decay, label_smoothing: AdamW with a per-step cosine schedule.
+    """
+
+    def __init__(self, arch: str, classes: list[str], task: str = "task", input_size: int | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None,
+                 model_kwargs: dict[str, Any] | None = None, lr: float = 2e-3, weight_decay: float = 0.05,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = TappedNetwork(arch, len(classes), [], input_size, mean, std, model_kwargs,
+                                 owner=f"classifier {task!r} ({arch})")
+        self.val_acc = MulticlassAccuracy(len(classes), average="micro")
+        self.test_acc = MulticlassAccuracy(len(classes), average="micro")
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_classes = getattr(datamodule, "task_classes", {}).get(self.hparams.task)
+        if data_classes is not None and list(data_classes) != list(self.hparams.classes):
+            raise ValueError(f"classifier task {self.hparams.task!r}: the data's classes {list(data_classes)} "
+                             f"differ from model.classes {list(self.hparams.classes)}")
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images).logits
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.val_acc.update(self(images), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/acc", self.val_acc.compute(), prog_bar=True)
+        self.val_acc.reset()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.test_acc.update(self(images), labels)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/acc", self.test_acc.compute())
+        self.test_acc.reset()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
+                                      weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, self.hparams.lr, total_steps=total,
+                                                        pct_start=0.15)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,111 @@
+"""Losses of Common Feature Learning, as plain ``nn.Module``s usable without Lightning.
+
+Every loss computes in float32 even under bf16 autocast: the MMD of L2-normalised features is a small
+difference of large kernel sums, and low precision changes its value by tens of percent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PAPER_BANDWIDTHS = (0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0)
+
+
+def _fp32(x: Tensor) -> Tensor:
+    return x.float().flatten(1)
+
+
+class MultiBandwidthMMD(nn.Module):
+    """Sum over teachers of the biased multi-kernel Gaussian MMD^2 between student and teacher features.
+
+    ``K(x, y) = sum_sigma exp(-||x - y||^2 / (2 sigma^2))`` and
+    ``MMD^2 = relu(mean K_ss + mean K_tt - 2 mean K_st)``. It matches distributions over the batch, not
+    sample j to sample j. One Gram matrix over ``[h_s; h_t1; ...; h_tN]`` serves every pair and bandwidth.
+
+    Args:
+        bandwidths: the sigmas; the paper's seven by default.
+        normalize: L2-normalise each flattened sample first (as the paper does).
+    """
+
+    def __init__(self, bandwidths: Sequence[float] = PAPER_BANDWIDTHS, normalize: bool = True) -> None:
+        super().__init__()
+        if not bandwidths or any(b <= 0 for b in bandwidths):
+            raise ValueError(f"MMD bandwidths must be positive numbers, got {list(bandwidths)}")
+        self.register_buffer("gammas", 1.0 / (2.0 * torch.tensor(bandwidths, dtype=torch.float64) ** 2),
+                             persistent=False)
+        self.normalize = normalize
+
+    def forward(self, student: Tensor, teachers: Sequence[Tensor]) -> Tensor:
+        with torch.autocast(student.device.type, enabled=False):
+            feats = [_fp32(student)] + [_fp32(t) for t in teachers]
+            if self.normalize:
+                feats = [F.normalize(f, dim=1) for f in feats]
+            sizes = [f.shape[0] for f in feats]
+            z = torch.cat(feats)
+            sq = z.pow(2).sum(1)
+            dist = (sq[:, None] + sq[None, :] - 2.0 * z @ z.T).clamp_min(0.0)
+            gammas = self.gammas.to(device=z.device, dtype=z.dtype)
+            # exp of each bandwidth, summed: one [n, n] kernel for all pairs.
+            kernel = torch.exp(-dist[None] * gammas[:, None, None]).sum(0)
+            blocks = [b.split(sizes, dim=1) for b in kernel.split(sizes, dim=0)]
+            k_ss = blocks[0][0].mean()
+            total = z.new_zeros(())
+            for i in range(1, len(feats)):
+                mmd2 = k_ss + blocks[i][i].mean() - 2.0 * blocks[0][i].mean()
+                total = total + mmd2.clamp_min(0.0)
+            return total
+
+
+class ReconstructionLoss(nn.Module):
+    """Sum over teachers of the mean squared error between decoded and original teacher features."""
+
+    def forward(self, reconstructions: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
+        if len(reconstructions) != len(targets):
+            raise ValueError(f"{len(reconstructions)} reconstructions for {len(targets)} teacher features")
+        with torch.autocast(targets[0].device.type, enabled=False):
+            losses = [F.mse_loss(r.float(), t.float()) for r, t in zip(reconstructions, targets)]
+            return torch.stack(losses).sum()
+
+
+class SoftTargetKD(nn.Module):
+    """Soft-target distillation of each teacher's logits into the student's union head.
+
+    ``mode="concat"`` (the paper): softmax over the whole union against the softmax of the concatenated
+    teacher logits, at temperature T (paper T=1). Computed as KL, which differs from the paper's
+    cross-entropy only by the teachers' entropy, a constant: same gradients.
+    ``mode="slice"``: one KL per teacher on that teacher's slice of the union, scaled by T^2; it never
+    compares teachers that never saw each other's classes.
+
+    ``slices`` gives each teacher's ``(start, stop)`` in the union, in teacher order.
+    """
+
+    def __init__(self, mode: str = "concat", temperature: float = 1.0) -> None:
+        super().__init__()
+        if mode not in ("concat", "slice"):
+            raise ValueError(f"KD mode must be 'concat' or 'slice', got {mode!r}")
+        if temperature <= 0:
+            raise ValueError(f"KD temperature must be positive, got {temperature}")
+        self.mode = mode
+        self.temperature = temperature
+
+    def forward(self, student_logits: Tensor, teacher_logits: Sequence[Tensor],
+                slices: Sequence[tuple[int, int]]) -> Tensor:
+        t = self.temperature
+        with torch.autocast(student_logits.device.type, enabled=False):
+            s = student_logits.float()
+            ts = [z.float() for z in teacher_logits]
+            if self.mode == "concat":
+                return _kl(s, torch.cat(ts, dim=1), t) * t * t
+            losses = [_kl(s[:, a:b], z, t) for (a, b), z in zip(slices, ts)]
+            return torch.stack(losses).sum() * t * t
+
+
+def _kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) of the tempered softmaxes, averaged over the batch."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")

@@ -1,0 +1,332 @@
+"""``AmalgamationModule``: one student learns every frozen teacher's task from unlabeled images.
+
+Read top to bottom: construction (teachers, student, common-feature blocks, losses, metrics), the training
+step as a chain of small hooks a subclass may override, evaluation, optimisers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from amalgam.backbones import Features, Tap, TappedNetwork
+from amalgam.common_feature import CommonFeatureBlock, CommonFeatures
+from amalgam.losses import PAPER_BANDWIDTHS, MultiBandwidthMMD, ReconstructionLoss, SoftTargetKD
+from amalgam.teacher import Teacher, TeacherConfig
+
+DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0}  # the authors' code: L_KD + 10 (L_M + L_R)
+
+
+class StudentConfig(TypedDict):
+    """The student, as written in YAML under ``model.init_args.student``.
+
+    arch: a timm model name (or ``package.module.Class``); its head is sized to the union of all classes.
+    taps: one per common-feature block, matched position by position with every teacher's taps;
+      an empty list trains with soft targets only (plain multi-teacher KD).
+    input_size, mean, std, model_kwargs: as for a teacher.
+    """
+
+    arch: str
+    taps: NotRequired[list[Tap]]
+    input_size: NotRequired[int | None]
+    mean: NotRequired[list[float] | None]
+    std: NotRequired[list[float] | None]
+    model_kwargs: NotRequired[dict[str, Any]]
+
+
+class AmalgamationModule(L.LightningModule):
+    """Common Feature Learning (Luo et al., IJCAI 2019) with the paper's choices exposed as arguments.
+
+    Args:
+        teachers: the frozen experts (see ``TeacherConfig``); teacher i owns slice i of the union head.
+        student: the student (see ``StudentConfig``).
+        block_width: channels of the common feature space.
+        block_depth: residual blocks in the shared extractor (feature-map blocks).
+        kd: ``"concat"`` (paper: softmax over the concatenated teacher logits) or ``"slice"`` (one KL per
+            teacher on its own slice; better task-agnostic accuracy).
+        temperature: soft-target temperature (paper: 1).
+        loss_weights: weights of ``kd``, ``mmd`` and ``recon`` (paper: 1, 10, 10).
+        mmd_bandwidths: Gaussian kernel sigmas (paper: 0.001 ... 2).
+        optimizer: optimizer class (``class_path`` in YAML; default Adam); it gets parameter groups carrying
+            their own ``lr`` and ``weight_decay``, so set those here rather than in its init_args.
+        lr: learning rate of the student backbone.
+        head_lr: learning rate of the student head (default: ``lr``; the paper used 10x for a
+            pretrained backbone).
+        block_lr: learning rate of the common-feature blocks (default: ``lr``).
+        weight_decay: applied to every group (paper: 1e-4).
+        scheduler: ``"cosine"`` (per step, to zero), ``"step"`` (x ``step_gamma`` every ``step_epochs``,
+            the paper's StepLR(15, 0.1)) or ``"none"``.
+        warmup_steps: linear warm-up before the cosine.
+        compile: ``torch.compile`` the student, blocks and teachers (in place, state-dict keys unchanged).
+        channels_last: run convolutions in channels-last memory format (faster on GPUs).
+        evaluate_teachers: also report each teacher's accuracy and their concatenated union accuracy.
+        nan_check_every_n_steps: stop with a clear error when a loss term is NaN/Inf; each check syncs
+            with the device, so GPU runs may check less often.
+    """
+
+    def __init__(
+        self,
+        teachers: list[TeacherConfig],
+        student: StudentConfig,
+        block_width: int = 128,
+        block_depth: int = 2,
+        kd: Literal["concat", "slice"] = "concat",
+        temperature: float = 1.0,
+        loss_weights: dict[str, float] | None = None,
+        mmd_bandwidths: list[float] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr: float = 1e-3,
+        head_lr: float | None = None,
+        block_lr: float | None = None,
+        weight_decay: float = 1e-4,
+        scheduler: Literal["cosine", "step", "none"] = "cosine",
+        warmup_steps: int = 0,
+        step_epochs: int = 15,
+        step_gamma: float = 0.1,
+        compile: bool = False,
+        channels_last: bool = False,
+        evaluate_teachers: bool = True,
+        nan_check_every_n_steps: int = 1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.optimizer_factory = optimizer or torch.optim.Adam
+        if not teachers:
+            raise ValueError("model.teachers is empty: give at least one teacher")
+        tasks = [t["task"] for t in teachers]
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"teacher task names must be unique, got {tasks}")
+
+        # Teachers live outside the module tree: no optimizer, no DDP sync, no checkpoint entries.
+        self._teachers = [Teacher.from_config(cfg) for cfg in teachers]
+        self.task_names = tasks
+        self.slices: list[tuple[int, int]] = []
+        for t in self._teachers:
+            start = self.slices[-1][1] if self.slices else 0
+            self.slices.append((start, start + len(t.classes)))
+        self.num_classes = self.slices[-1][1]
+
+        unknown = set(student) - set(StudentConfig.__annotations__)
+        if unknown:
+            raise ValueError(f"model.student has unknown keys {sorted(unknown)}; "
+                             f"valid keys: {sorted(StudentConfig.__annotations__)}")
+        self.student = TappedNetwork(student["arch"], self.num_classes, student.get("taps", []),
+                                     student.get("input_size"), student.get("mean"), student.get("std"),
+                                     student.get("model_kwargs"), owner=f"student ({student['arch']})")
+        self.blocks = self._build_blocks(block_width, block_depth)
+
+        weights = {**DEFAULT_WEIGHTS, **(loss_weights or {})}
+        if set(weights) - set(DEFAULT_WEIGHTS):
+            raise ValueError(f"model.loss_weights has unknown terms {sorted(set(weights) - set(DEFAULT_WEIGHTS))};"
+                             f" valid terms: {sorted(DEFAULT_WEIGHTS)}")
+        self.loss_weights = weights
+        self.kd_loss = SoftTargetKD(kd, temperature)
+        self.mmd_loss = MultiBandwidthMMD(mmd_bandwidths or PAPER_BANDWIDTHS)
+        self.recon_loss = ReconstructionLoss()
+        self._build_metrics()
+
+    @property
+    def teachers(self) -> list[Teacher]:
+        return self._teachers
+
+    def _build_blocks(self, width: int, depth: int) -> nn.ModuleList:
+        student_shapes = self.student.tap_shapes()
+        teacher_shapes = []
+        for t in self._teachers:
+            if len(t.net.tapper.taps) != len(student_shapes):
+                raise ValueError(
+                    f"teacher {t.task!r} has taps {t.net.tapper.taps} but the student has "
+                    f"{self.student.tapper.taps}: give every network one tap per common-feature block")
+            teacher_shapes.append(t.net.tap_shapes())
+        return nn.ModuleList(
+            CommonFeatureBlock(s, [shapes[k] for shapes in teacher_shapes], width, depth, self.task_names)
+            for k, s in enumerate(student_shapes))
+
+    def _build_metrics(self) -> None:
+        acc = {f"{task}_acc": MulticlassAccuracy(b - a, average="micro")
+               for task, (a, b) in zip(self.task_names, self.slices)}
+        acc |= {f"{task}_agreement": MulticlassAccuracy(b - a, average="micro")
+                for task, (a, b) in zip(self.task_names, self.slices)}
+        acc |= {f"{task}_teacher_acc": MulticlassAccuracy(b - a, average="micro")
+                for task, (a, b) in zip(self.task_names, self.slices)}
+        acc["union_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
+        acc["teachers_concat_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
+        self.metrics = nn.ModuleDict(acc)
+
+    # Teachers are not submodules, so device and dtype moves must reach them explicitly.
+    def _apply(self, fn: Any, recurse: bool = True) -> AmalgamationModule:
+        super()._apply(fn, recurse)
+        for teacher in getattr(self, "_teachers", []):
+            teacher._apply(fn, recurse)
+        return self
+
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.hparams.compile:
+            self.student.compile()
+            self.blocks.compile()
+            for teacher in self._teachers:
+                teacher.net.compile()
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Union logits of the student for float [0,1] images."""
+        return self.student(images).logits
+
+    # ----------------------------------------------------------------------------------------------------
+    # The training step, in overridable hooks
+
+    def teacher_outputs(self, images: Tensor) -> list[Features]:
+        return [teacher(images) for teacher in self._teachers]
+
+    def student_outputs(self, images: Tensor) -> Features:
+        return self.student(images)
+
+    def common_features(self, student: Features, teachers: list[Features]) -> list[CommonFeatures]:
+        return [block(student.taps[k], [t.taps[k] for t in teachers]) for k, block in enumerate(self.blocks)]
+
+    def loss_terms(self, student: Features, teachers: list[Features], common: list[CommonFeatures]
+                   ) -> dict[str, Tensor]:
+        terms = {"kd": self.kd_loss(student.logits, [t.logits for t in teachers], self.slices)}
+        if common:
+            terms["mmd"] = sum(self.mmd_loss(c.student, c.teachers) for c in common)
+            terms["recon"] = sum(self.recon_loss(c.reconstructions, c.targets) for c in common)
+        return terms
+
+    def combine_losses(self, terms: dict[str, Tensor]) -> Tensor:
+        return sum(self.loss_weights[name] * value for name, value in terms.items())
+
+    def training_step(self, images: Tensor, batch_idx: int) -> Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        teachers = self.teacher_outputs(images)
+        student = self.student_outputs(images)
+        terms = self.loss_terms(student, teachers, self.common_features(student, teachers))
+        loss = self.combine_losses(terms)
+        self._check_finite(terms, loss)
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=True)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _check_finite(self, terms: dict[str, Tensor], loss: Tensor) -> None:
+        every = self.hparams.nan_check_every_n_steps
+        if every <= 0 or self.global_step % every:
+            return
+        if not torch.isfinite(loss.detach()):
+            bad = [name for name, value in terms.items() if not torch.isfinite(value.detach())]
+            raise FloatingPointError(
+                f"loss term(s) {bad or ['total']} became NaN/Inf at step {self.global_step} "
+                f"(epoch {self.current_epoch}). Checkpoints written so far are intact; lower the learning "
+                f"rate or the loss weights, then resume with --ckpt_path last.")
+
+    # ----------------------------------------------------------------------------------------------------
+    # Evaluation: task-aware (argmax inside the task's slice), task-agnostic (argmax over the union)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        self.eval_tasks = list(self.task_names)
+        task_classes = getattr(datamodule, "task_classes", None)
+        if not task_classes:
+            return
+        expected = {t.task: t.classes for t in self._teachers}
+        if hasattr(datamodule, "check_task_classes"):
+            datamodule.check_task_classes(expected)
+        for task, classes in task_classes.items():
+            if task not in expected:
+                raise ValueError(f"evaluation task {task!r} has no teacher; teacher tasks: {self.task_names}")
+            if list(classes) != list(expected[task]):
+                raise ValueError(f"evaluation classes of task {task!r} {list(classes)} differ from the "
+                                 f"teacher's {expected[task]}")
+        self.eval_tasks = list(task_classes)
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> None:
+        images, labels = batch
+        task = self.eval_tasks[dataloader_idx]
+        t = self.task_names.index(task)
+        a, b = self.slices[t]
+        logits = self(images)
+        m = self.metrics
+        m[f"{task}_acc"].update(logits[:, a:b], labels)
+        m["union_acc"].update(logits, labels + a)
+        if self.hparams.evaluate_teachers:
+            teacher_logits = [teacher(images).logits for teacher in self._teachers]
+            m[f"{task}_teacher_acc"].update(teacher_logits[t], labels)
+            m[f"{task}_agreement"].update(logits[:, a:b], teacher_logits[t].argmax(1))
+            m["teachers_concat_acc"].update(torch.cat(teacher_logits, 1), labels + a)
+
+    def _log_eval(self, prefix: str) -> None:
+        names = {"union_acc": f"{prefix}/acc_union", "teachers_concat_acc": f"{prefix}/teachers_concat/acc_union"}
+        for task in self.task_names:
+            names |= {f"{task}_acc": f"{prefix}/{task}/acc", f"{task}_agreement": f"{prefix}/{task}/agreement",
+                      f"{task}_teacher_acc": f"{prefix}/teacher/{task}/acc"}
+        for key, metric in self.metrics.items():
+            if metric.update_count:
+                self.log(names[key], metric.compute(), prog_bar=key == "union_acc")
+            metric.reset()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        images, indices = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        logits = self(images)
+        probs = {f"probs/{task}": logits[:, a:b].softmax(1) for task, (a, b) in zip(self.task_names, self.slices)}
+        return {"indices": indices, "union_top": logits.argmax(1), **probs}
+
+    # ----------------------------------------------------------------------------------------------------
+    # Optimisation: separate groups for the student backbone, its head, and the common-feature blocks
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        hp = self.hparams
+        head = set(self.student.model.get_classifier().parameters())
+        backbone = [p for p in self.student.parameters() if p not in head]
+        groups = [{"name": "student", "params": backbone, "lr": hp.lr},
+                  {"name": "head", "params": list(head), "lr": hp.head_lr or hp.lr},
+                  {"name": "blocks", "params": list(self.blocks.parameters()), "lr": hp.block_lr or hp.lr}]
+        return [dict(g, weight_decay=hp.weight_decay) for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        hp = self.hparams
+        if hp.scheduler == "none":
+            return optimizer
+        if hp.scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(optimizer, hp.step_epochs, hp.step_gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": warmup_cosine(optimizer, hp.warmup_steps, total), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A Python callable (optimizer given in code, not YAML) would make the checkpoint need pickle.
+        hparams = checkpoint.get("hyper_parameters", {})
+        if callable(hparams.get("optimizer")):
+            hparams["optimizer"] = None
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+

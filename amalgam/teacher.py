@@ -1,0 +1,71 @@
+"""Frozen teachers, described by plain arguments so checkpoints and configs stay readable and safe."""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from amalgam.backbones import Features, Tap, TappedNetwork, load_weights
+
+
+class TeacherConfig(TypedDict):
+    """One teacher, as written in YAML under ``model.init_args.teachers``.
+
+    task: name of the teacher's task (its slice of the union head carries this name).
+    classes: the teacher's class names, in the order of its logits.
+    arch: a timm model name, or ``package.module.Class`` of any nn.Module taking ``num_classes``.
+    checkpoint: local weights (.safetensors, .pth state_dict, or a Lightning .ckpt; prefixes are stripped).
+    taps: where features are read, one per common-feature block (``pooled``, a stage name, or an index).
+    input_size, mean, std: the teacher's own preprocessing; default from the timm pretrained config.
+    model_kwargs: extra keyword arguments for the model constructor (e.g. ``img_size``, ``patch_size``).
+    """
+
+    task: str
+    classes: list[str]
+    arch: str
+    checkpoint: NotRequired[str | None]
+    taps: NotRequired[list[Tap]]
+    input_size: NotRequired[int | None]
+    mean: NotRequired[list[float] | None]
+    std: NotRequired[list[float] | None]
+    model_kwargs: NotRequired[dict[str, Any]]
+
+
+class Teacher(L.LightningModule):
+    """A frozen expert: always in eval mode, no gradients, inference mode, never optimised or saved."""
+
+    def __init__(self, task: str, classes: list[str], arch: str, checkpoint: str | None = None,
+                 taps: list[Tap] | None = None, input_size: int | None = None, mean: list[float] | None = None,
+                 std: list[float] | None = None, model_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if not classes:
+            raise ValueError(f"teacher {task!r}: 'classes' is empty; list the class names of its logits")
+        self.task = task
+        self.classes = list(classes)
+        self.net = TappedNetwork(arch, len(self.classes), taps or ["pooled"], input_size, mean, std,
+                                 model_kwargs, owner=f"teacher {task!r} ({arch})")
+        if checkpoint:
+            load_weights(self.net.model, checkpoint, f"teacher {task!r}", num_classes=len(self.classes))
+        self.requires_grad_(False)
+        self.train(False)
+
+    @classmethod
+    def from_config(cls, config: TeacherConfig) -> Teacher:
+        unknown = set(config) - set(TeacherConfig.__annotations__)
+        if unknown:
+            raise ValueError(f"teacher config has unknown keys {sorted(unknown)}; "
+                             f"valid keys: {sorted(TeacherConfig.__annotations__)}")
+        return cls(**config)
+
+    def train(self, mode: bool = True) -> Teacher:
+        # Lightning calls .train() on everything at fit start; a teacher stays in eval (BN stats, dropout).
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Features:
+        with torch.inference_mode():
+            out = self.net(images)
+        # Inference tensors cannot enter autograd (the adapters and the KD target need them): one cheap copy.
+        return Features([t.clone() for t in out.taps], out.logits.clone())
