@@ -151,9 +151,6 @@ def tap_shapes(model: nn.Module, taps: Sequence[Tap], input_size: int, owner: st
 # --------------------------------------------------------------------------------------------------------
 # Safe weight loading
 
-PREFIXES = ("model.", "module.", "backbone.", "net.", "student.", "_orig_mod.")
-
-
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors from .safetensors, or from .pth/.pt/.bin/.ckpt through ``torch.load(weights_only=True)``.
 
@@ -187,16 +184,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def strip_prefix(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
-    """Drop a wrapper prefix (``model.``, ``module.``, ...) so the keys meet the model's own keys."""
-    best = state
-    best_hits = len(expected & state.keys())
-    candidates = {k.split(".", 1)[0] + "." for k in state if "." in k} | set(PREFIXES)
-    for prefix in candidates:
-        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        hits = len(expected & stripped.keys())
-        if hits > best_hits:
-            best, best_hits = stripped, hits
-    return best
+    """Drop a wrapper prefix (``model.``, ``net.model.``, ``module.``...) so keys meet the model's own keys."""
+    if expected & state.keys():
+        return state
+    votes: dict[str, int] = {}
+    for key in state:
+        for i, char in enumerate(key):
+            if char == "." and key[i + 1:] in expected:
+                votes[key[: i + 1]] = votes.get(key[: i + 1], 0) + 1
+    if not votes:
+        return state
+    prefix = max(votes, key=votes.__getitem__)
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def load_weights(model: nn.Module, path: str | Path, owner: str, num_classes: int | None = None) -> None:

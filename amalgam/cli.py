@@ -27,7 +27,7 @@ class AmalgamCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def main(args: list[str] | None = None) -> AmalgamCLI:
+def main(args: list[str] | None = None, run: bool = True) -> AmalgamCLI:
     # No hub look-ups: weights come from local checkpoints, and an offline lookup retries for ~46 s.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return AmalgamCLI(
@@ -37,6 +37,7 @@ def main(args: list[str] | None = None) -> AmalgamCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

@@ -26,7 +26,8 @@ class StudentConfig(TypedDict):
     """The student, as written in YAML under ``model.init_args.student``.
 
     arch: a timm model name (or ``package.module.Class``); its head is sized to the union of all classes.
-    taps: one per common-feature block, matched position by position with every teacher's taps;
+    taps: one per common-feature block (default ["pooled"]), matched position by position with every
+      teacher's taps;
       an empty list trains with soft targets only (plain multi-teacher KD).
     input_size, mean, std, model_kwargs: as for a teacher.
     """
@@ -115,7 +116,7 @@ class AmalgamationModule(L.LightningModule):
         if unknown:
             raise ValueError(f"model.student has unknown keys {sorted(unknown)}; "
                              f"valid keys: {sorted(StudentConfig.__annotations__)}")
-        self.student = TappedNetwork(student["arch"], self.num_classes, student.get("taps", []),
+        self.student = TappedNetwork(student["arch"], self.num_classes, student.get("taps", ["pooled"]),
                                      student.get("input_size"), student.get("mean"), student.get("std"),
                                      student.get("model_kwargs"), owner=f"student ({student['arch']})")
         self.blocks = self._build_blocks(block_width, block_depth)

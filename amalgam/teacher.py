@@ -45,7 +45,7 @@ class Teacher(L.LightningModule):
             raise ValueError(f"teacher {task!r}: 'classes' is empty; list the class names of its logits")
         self.task = task
         self.classes = list(classes)
-        self.net = TappedNetwork(arch, len(self.classes), taps or ["pooled"], input_size, mean, std,
+        self.net = TappedNetwork(arch, len(self.classes), ["pooled"] if taps is None else taps, input_size, mean, std,
                                  model_kwargs, owner=f"teacher {task!r} ({arch})")
         if checkpoint:
             load_weights(self.net.model, checkpoint, f"teacher {task!r}", num_classes=len(self.classes))

@@ -1,0 +1,45 @@
+# amalgam: set-up, demo, tests. Everything runs offline; `make demo` and `make test` set up on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE ?= offline
+
+.PHONY: setup demo test test-all lint bench-throughput bench-accuracy clean
+
+setup: $(VENV)/.installed $(FASHION)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Real, offline data: Debian's Fashion-MNIST package (idx files under /usr/share/datasets/fashion-mnist).
+$(FASHION):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+# Teachers (skipped when their checkpoints exist) -> amalgamation -> evaluation -> reports/demo/summary.{json,md}
+demo: setup
+	$(PY) -m amalgam.demo
+
+test: setup
+	$(PY) -m pytest
+
+test-all: setup
+	$(PY) -m pytest -m ''
+
+lint: setup
+	$(PY) -m ruff check amalgam tests benchmarks
+
+bench-throughput: setup
+	$(PY) benchmarks/throughput.py
+
+bench-accuracy: setup
+	$(PY) benchmarks/accuracy.py
+
+clean:
+	rm -rf artifacts reports lightning_logs

@@ -1,0 +1,73 @@
+"""The real CLI on tiny YAML configs: heterogeneous teachers, map and vector taps, 2 and 3 teachers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from amalgam.cli import main
+from conftest import amalgam_config, student, teacher
+
+
+def run(args: list[str]):
+    return main(args)
+
+
+@pytest.mark.parametrize(
+    ("teachers", "tap"),
+    [
+        ([("a", "resnet"), ("b", "vit")], "map"),
+        ([("a", "resnet"), ("b", "vit"), ("c", "convnext")], "map"),
+        ([("a", "resnet"), ("b", "swin"), ("c", "vit")], "vector"),
+        ([("a", "convnext"), ("b", "vit")], None),
+    ],
+    ids=["resnet+vit-map", "resnet+vit+convnext-map", "resnet+swin+vit-vector", "kd-only"],
+)
+def test_fit_fast_dev_run_heterogeneous(tmp_path, image_tree, teachers, tap):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher(t, fam, tap) for t, fam in teachers], student(tap),
+                         trainer={"fast_dev_run": 2})
+    cli = run(["fit", "--config", str(cfg)])
+    model = cli.model
+    assert cli.trainer.state.finished and cli.trainer.global_step == 2
+    assert len(model.blocks) == (0 if tap is None else 1)
+    if tap:
+        assert model.blocks[0].kind == ("map" if tap == "map" else "vector")
+    metrics = cli.trainer.callback_metrics
+    for name in ["train/loss", "train/loss_kd"] + ([] if tap is None else ["train/loss_mmd", "train/loss_recon"]):
+        assert name in metrics and torch.isfinite(metrics[name])
+    for task, _ in teachers:
+        assert f"val/{task}/acc" in metrics
+    assert "val/acc_union" in metrics and "val/teachers_concat/acc_union" in metrics
+
+
+def test_two_taps_two_blocks_validate_and_test(tmp_path, image_tree):
+    teachers = [teacher("a", "resnet", taps=["layer3", "pooled"]), teacher("b", "vit", taps=["blocks.0", "pooled"])]
+    cfg = amalgam_config(tmp_path, image_tree, teachers, student(taps=["layer3", "pooled"]),
+                         trainer={"fast_dev_run": 1})
+    cli = run(["fit", "--config", str(cfg)])
+    assert [b.kind for b in cli.model.blocks] == ["map", "vector"]
+    for sub in ("validate", "test"):
+        cli = run([sub, "--config", str(cfg)])
+        prefix = "val" if sub == "validate" else "test"
+        assert {f"{prefix}/a/acc", f"{prefix}/b/acc", f"{prefix}/acc_union"} <= set(cli.trainer.callback_metrics)
+
+
+def test_print_config_and_module_entry_point(tmp_path, image_tree):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student())
+    out = subprocess.run([sys.executable, "-m", "amalgam", "fit", "--config", str(cfg), "--print_config"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "amalgam.AmalgamationModule" in out.stdout and "loss_weights" in out.stdout
+
+
+def test_predict_returns_task_probabilities(tmp_path, image_tree):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student())
+    cli = run(["predict", "--config", str(cfg), "--trainer.fast_dev_run", "1"])
+    preds = cli.trainer.predict_loop.predictions
+    assert preds, "predict produced nothing"
+    batch = preds[0]
+    assert batch["probs/a"].shape[1] == 2 and batch["probs/b"].shape[1] == 3
+    torch.testing.assert_close(batch["probs/b"].sum(1), torch.ones(len(batch["probs/b"])))

@@ -1,0 +1,165 @@
+"""AmalgamationModule contracts: frozen teachers, checkpoints without teachers, subclassing, DDP, W&B."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from amalgam import AmalgamationModule, Teacher
+from amalgam.backbones import TappedNetwork
+from amalgam.cli import main
+from conftest import SIZE, TASK_CLASSES, TINY, amalgam_config, student, teacher
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TeacherWatch(L.Callback):
+    """Records, at every step, whether any teacher left eval mode or holds a gradient-enabled parameter."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def _check(self, pl_module) -> None:
+        for t in pl_module.teachers:
+            self.seen.append((t.training, any(m.training for m in t.modules()),
+                              any(p.requires_grad for p in t.parameters()), any(p.grad is not None for p in t.parameters())))
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self._check(pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, *args) -> None:
+        self._check(pl_module)
+
+
+def test_teachers_stay_frozen_and_out_of_optimizer_and_checkpoint(tmp_path, image_tree):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
+                         trainer={"max_steps": 4, "limit_val_batches": 1, "val_check_interval": 2,
+                                  "enable_checkpointing": True})
+    watch = TeacherWatch()
+    cli = main(["--config", str(cfg), "--trainer.callbacks+", "lightning.pytorch.callbacks.ModelCheckpoint",
+                "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"), "--trainer.callbacks.save_last", "true",
+                "--trainer.callbacks.filename", "student"], run=False)
+    model = cli.model
+    cli.trainer.callbacks.append(watch)
+    teacher_before = {k: v.clone() for k, v in model.teachers[0].state_dict().items()}
+    cli.trainer.fit(model, datamodule=cli.datamodule, ckpt_path=None)
+    assert watch.seen and not any(any(flags) for flags in watch.seen)
+    for k, v in model.teachers[0].state_dict().items():
+        assert torch.equal(v, teacher_before[k]), f"teacher tensor {k} changed during fit"
+
+    optimizer = cli.trainer.optimizers[0]
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for t in model.teachers for p in t.parameters())
+    assert {g["name"] for g in optimizer.param_groups} == {"student", "head", "blocks"}
+
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # no pickled objects in it
+    assert last["state_dict"] and all(k.startswith(("student.", "blocks.")) for k in last["state_dict"])
+    ckpt_path = tmp_path / "final.ckpt"
+    cli.trainer.save_checkpoint(ckpt_path)
+
+    reloaded = AmalgamationModule.load_from_checkpoint(ckpt_path, weights_only=True)
+    assert [t.task for t in reloaded.teachers] == ["a", "b"]
+    for k, v in model.student.state_dict().items():
+        assert torch.equal(v, reloaded.student.state_dict()[k])
+    images = torch.rand(4, 3, SIZE, SIZE)
+    model.eval(), reloaded.eval()
+    torch.testing.assert_close(model(images), reloaded(images))
+
+
+def test_teacher_checkpoints_in_every_format_load(tmp_path):
+    spec = teacher("a", "resnet")
+    source = TappedNetwork(spec["arch"], 2, [], model_kwargs=spec["model_kwargs"]).model
+    state = source.state_dict()
+    files = {"safetensors": tmp_path / "t.safetensors", "pth": tmp_path / "t.pth", "ckpt": tmp_path / "t.ckpt"}
+    save_file({k: v.contiguous() for k, v in state.items()}, files["safetensors"])
+    torch.save(state, files["pth"])
+    torch.save({"state_dict": {f"net.model.{k}": v for k, v in state.items()}, "epoch": 3}, files["ckpt"])
+    images = torch.rand(2, 3, SIZE, SIZE)
+    expected = source.eval()(TappedNetwork.preprocess(Teacher(**spec).net, images))
+    for fmt, path in files.items():
+        t = Teacher(**{**spec, "checkpoint": str(path)})
+        torch.testing.assert_close(t(images).logits, expected, msg=f"{fmt} weights did not load")
+
+
+def test_teacher_is_always_eval_and_outputs_are_autograd_safe():
+    t = Teacher(**teacher("b", "vit"))
+    t.train()
+    assert not t.training and not any(m.training for m in t.modules())
+    feats = t(torch.rand(2, 3, SIZE, SIZE))
+    assert not feats.logits.requires_grad and not feats.logits.is_inference()
+    assert feats.taps[0].shape[1:] == (16, 4, 4)  # ViT tokens came back as an NCHW map
+
+
+def test_bad_tap_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown tap 'layer9'.*layer4"):
+        Teacher(**teacher("a", "resnet", taps=["layer9"]))
+
+
+def test_mismatched_tap_kinds_cannot_align():
+    with pytest.raises(ValueError, match="Cannot align"):
+        AmalgamationModule([teacher("a", "resnet", "vector"), teacher("b", "vit", "map")], student("map"))
+
+
+def test_subclass_in_user_project_runs_by_class_path(tmp_path, image_tree):
+    project = tmp_path / "userproj"
+    project.mkdir()
+    (project / "my_amalgam.py").write_text(textwrap.dedent("""
+        import torch
+        from amalgam import AmalgamationModule
+
+        class HalfMMD(AmalgamationModule):
+            '''A user's own loss combination, referenced from YAML by class_path.'''
+
+            def combine_losses(self, terms):
+                self.log("train/loss_custom", terms["mmd"].detach())
+                return terms["kd"] + 0.5 * terms["mmd"]
+    """))
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "convnext")], student(),
+                         trainer={"fast_dev_run": 1}, model_class="my_amalgam.HalfMMD")
+    env = {**os.environ, "PYTHONPATH": f"{project}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    script = ("import sys; from amalgam.cli import main; cli = main(sys.argv[1:]); "
+              "print('MODEL', type(cli.model).__module__, type(cli.model).__name__); "
+              "print('CUSTOM', 'train/loss_custom' in cli.trainer.callback_metrics)")
+    out = subprocess.run([sys.executable, "-c", script, "fit", "--config", str(cfg)], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MODEL my_amalgam HalfMMD" in out.stdout and "CUSTOM True" in out.stdout
+
+
+def test_ddp_two_processes_on_cpu(tmp_path, image_tree):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
+                         trainer={"max_steps": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0,
+                                  "strategy": "ddp", "devices": 2, "enable_checkpointing": True})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "amalgam", "fit", "--config", str(cfg)], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in out.stderr + out.stdout or "distributed_backend=gloo" in out.stderr + out.stdout
+    ckpts = list((tmp_path / "run").rglob("*.ckpt"))
+    assert ckpts, "DDP fit wrote no checkpoint"
+    state = torch.load(ckpts[0], weights_only=True)["state_dict"]
+    assert all(k.startswith(("student.", "blocks.")) for k in state)
+
+
+def test_wandb_logger_preset_offline_records_config(tmp_path, image_tree, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
+                         trainer={"max_steps": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0})
+    out = subprocess.run([sys.executable, "-m", "amalgam", "fit", "--config", str(cfg), "--config",
+                          str(REPO / "configs/loggers/wandb.yaml"), "--trainer.logger.init_args.save_dir",
+                          str(tmp_path / "wb")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert runs, f"no offline W&B run under {tmp_path / 'wb'}"
+    # The run's record holds the resolved hyper-parameters (teachers included) and the metrics.
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"teachers" in record and b"train/loss" in record
