@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import amalgam_config, student, teacher
 
 from amalgam.cli import main
-from conftest import amalgam_config, student, teacher
 
 
 def run(args: list[str]):

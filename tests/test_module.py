@@ -11,12 +11,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import SIZE, amalgam_config, student, teacher
 from safetensors.torch import save_file
 
 from amalgam import AmalgamationModule, Teacher
 from amalgam.backbones import TappedNetwork
 from amalgam.cli import main
-from conftest import SIZE, TASK_CLASSES, TINY, amalgam_config, student, teacher
 
 REPO = Path(__file__).resolve().parents[1]
 

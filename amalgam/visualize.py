@@ -1,0 +1,148 @@
+"""Pictures: where student and teachers land in the common feature space, and who knows what.
+
+``CommonSpacePlot`` is a callback: at the end of fit it embeds common-space features of the student and of
+every teacher for a few labelled evaluation images (t-SNE, or PCA when asked), saves a PNG and, when a
+``WandbLogger`` is active, logs it to W&B. ``accuracy_bars`` draws teachers against the student.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI, servers, notebooks all render to files
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def embed_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
+    """[N, D] -> [N, 2] with t-SNE (scikit-learn) or PCA."""
+    features = features - features.mean(0, keepdims=True)
+    if method == "pca" or len(features) < 8:
+        _, _, vt = np.linalg.svd(features, full_matrices=False)
+        return features @ vt[:2].T
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+
+
+@torch.no_grad()
+def common_space_points(module, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Common-space features of the student and each teacher (first block), one row per image."""
+    student = module.student_outputs(images)
+    teachers = module.teacher_outputs(images)
+    common = module.common_features(student, teachers)[0]
+    points = {"student": common.student}
+    points |= {f"teacher {t.task}": h for t, h in zip(module.teachers, common.teachers)}
+    return {name: h.float().flatten(1).cpu().numpy() for name, h in points.items()}
+
+
+def plot_common_space(points: dict[str, np.ndarray], labels: np.ndarray, class_names: list[str], path: Path,
+                      method: str = "tsne", title: str = "") -> Path:
+    names = list(points)
+    xy = embed_2d(np.concatenate([points[n] for n in names]), method)
+    n = len(labels)
+    fig, (ax_net, ax_cls) = plt.subplots(1, 2, figsize=(12, 5.5))
+    markers = "o^sDvP*X"
+    for i, name in enumerate(names):
+        part = xy[i * n:(i + 1) * n]
+        ax_net.scatter(part[:, 0], part[:, 1], s=10, alpha=0.6, marker=markers[i % len(markers)], label=name)
+        ax_cls.scatter(part[:, 0], part[:, 1], s=10, alpha=0.6, marker=markers[i % len(markers)],
+                       c=labels, cmap="tab10", vmin=0, vmax=max(9, len(class_names) - 1))
+    ax_net.set_title("by network (student and teachers should overlap)")
+    ax_net.legend(markerscale=2, fontsize=8)
+    ax_cls.set_title("by true class (marker = network)")
+    cmap = plt.get_cmap("tab10")
+    handles = [plt.Line2D([], [], ls="", marker="o", color=cmap(i % 10), label=c) for i, c in enumerate(class_names)]
+    ax_cls.legend(handles=handles, fontsize=7, loc="best")
+    for ax in (ax_net, ax_cls):
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title or f"Common feature space ({method.upper()})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class CommonSpacePlot(L.Callback):
+    """Saves ``<dirpath>/common_space.png`` at the end of fit (and logs it to W&B when that logger is on).
+
+    Args:
+        dirpath: output folder (default: the trainer's log dir).
+        num_images: evaluation images taken per task.
+        method: ``"tsne"`` or ``"pca"``.
+    """
+
+    def __init__(self, dirpath: str | None = None, num_images: int = 150, method: str = "tsne") -> None:
+        self.dirpath = dirpath
+        self.num_images = num_images
+        self.method = method
+        self.path: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_rank != 0 or not getattr(pl_module, "blocks", None):
+            return
+        images, labels, names = self._eval_images(trainer, pl_module)
+        if images is None:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        points = common_space_points(pl_module, images.to(pl_module.device))
+        pl_module.train(was_training)
+        out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir) / "common_space.png"
+        self.path = plot_common_space(points, labels, names, out, self.method,
+                                      f"Common feature space after {trainer.current_epoch} epoch(s)")
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="common_space", images=[str(self.path)])
+
+    def _eval_images(self, trainer: L.Trainer, pl_module):
+        datamodule = trainer.datamodule
+        if datamodule is None or not getattr(datamodule, "task_classes", None):
+            return None, None, None
+        loaders = datamodule.val_dataloader()
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        images, labels, names = [], [], []
+        for task, loader in zip(datamodule.task_names, loaders):
+            offset = pl_module.slices[pl_module.task_names.index(task)][0]
+            taken = 0
+            for x, y in loader:
+                x = datamodule.convert_batch(x, augment=False) if hasattr(datamodule, "convert_batch") else x
+                keep = min(len(x), self.num_images - taken)
+                images.append(x[:keep]), labels.append(y[:keep] + offset)
+                taken += keep
+                if taken >= self.num_images:
+                    break
+            names += datamodule.task_classes[task]
+        return torch.cat(images), torch.cat(labels).numpy(), names
+
+
+def accuracy_bars(summary: dict, path: Path) -> Path:
+    """Teachers vs student, task-aware per task and task-agnostic over the union."""
+    tasks = list(summary["teachers"])
+    groups = [f"task {t}" for t in tasks] + ["all classes\n(task-agnostic)"]
+    teacher = [summary["teachers"][t]["acc"] for t in tasks] + [summary["teachers_concat"]["acc_union"]]
+    student = [summary["student"]["tasks"][t]["acc"] for t in tasks] + [summary["student"]["acc_union"]]
+    x = np.arange(len(groups))
+    fig, ax = plt.subplots(figsize=(2.2 * len(groups) + 2, 4.5))
+    bars_t = ax.bar(x - 0.2, [100 * v for v in teacher], 0.4, label="teacher (own task) / teachers concatenated")
+    bars_s = ax.bar(x + 0.2, [100 * v for v in student], 0.4, label="student (one network)")
+    ax.bar_label(bars_t, fmt="%.1f", fontsize=8)
+    ax.bar_label(bars_s, fmt="%.1f", fontsize=8)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(max(0, min(50, min(teacher + student) * 100 - 5)), 102)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+    ax.set_title("Who knows what: teachers vs the amalgamated student")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
