@@ -6,6 +6,7 @@ difference of large kernel sums, and low precision changes its value by tens of 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -109,3 +110,25 @@ def _kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> T
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+
+
+class UnionPrior(nn.Module):
+    """Information maximisation on the student's union softmax: a label-free cure for miscalibrated slices.
+
+    Per-slice KD fixes the distribution *inside* each teacher's slice but leaves free how much mass each
+    slice gets, so task-agnostic accuracy hinges on arbitrary offsets between slices. Two terms set it:
+    - ``balance``: ``log K - H(mean_batch p)``, zero when the batch's mean prediction is uniform over the K
+      union classes (the unlabeled pool is assumed roughly class-balanced);
+    - ``entropy``: ``mean H(p)``, small when each image commits to one class, which moves the boundary
+      between look-alike classes of different teachers into low-density regions of the student's features.
+    Returns both terms; weigh them with ``loss_weights.balance`` and ``loss_weights.entropy``.
+    """
+
+    def forward(self, student_logits: Tensor) -> dict[str, Tensor]:
+        with torch.autocast(student_logits.device.type, enabled=False):
+            log_p = F.log_softmax(student_logits.float(), dim=1)
+            p = log_p.exp()
+            mean_p = p.mean(0)
+            balance = math.log(p.shape[1]) + (mean_p * mean_p.clamp_min(1e-12).log()).sum()
+            entropy = -(p * log_p).sum(1).mean()
+            return {"balance": balance, "entropy": entropy}

@@ -15,11 +15,13 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from amalgam.backbones import Features, Tap, TappedNetwork
+from amalgam.checkpointing import seed_training_batch
 from amalgam.common_feature import CommonFeatureBlock, CommonFeatures
-from amalgam.losses import PAPER_BANDWIDTHS, MultiBandwidthMMD, ReconstructionLoss, SoftTargetKD
+from amalgam.losses import PAPER_BANDWIDTHS, MultiBandwidthMMD, ReconstructionLoss, SoftTargetKD, UnionPrior
 from amalgam.teacher import Teacher, TeacherConfig
 
-DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0}  # the authors' code: L_KD + 10 (L_M + L_R)
+# The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy) are ours, off by default.
+DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0, "balance": 0.0, "entropy": 0.0}
 
 
 class StudentConfig(TypedDict):
@@ -51,7 +53,8 @@ class AmalgamationModule(L.LightningModule):
         kd: ``"concat"`` (paper: softmax over the concatenated teacher logits) or ``"slice"`` (one KL per
             teacher on its own slice; better task-agnostic accuracy).
         temperature: soft-target temperature (paper: 1).
-        loss_weights: weights of ``kd``, ``mmd`` and ``recon`` (paper: 1, 10, 10).
+        loss_weights: weights of ``kd``, ``mmd`` and ``recon`` (paper: 1, 10, 10), and of the union-prior
+            terms ``balance`` and ``entropy`` (``losses.UnionPrior``; 0 = off, the paper's method).
         mmd_bandwidths: Gaussian kernel sigmas (paper: 0.001 ... 2).
         optimizer: optimizer class (``class_path`` in YAML; default Adam); it gets parameter groups carrying
             their own ``lr`` and ``weight_decay``, so set those here rather than in its init_args.
@@ -129,6 +132,7 @@ class AmalgamationModule(L.LightningModule):
         self.kd_loss = SoftTargetKD(kd, temperature)
         self.mmd_loss = MultiBandwidthMMD(mmd_bandwidths or PAPER_BANDWIDTHS)
         self.recon_loss = ReconstructionLoss()
+        self.union_prior = UnionPrior()
         self._build_metrics()
 
     @property
@@ -197,12 +201,26 @@ class AmalgamationModule(L.LightningModule):
         if common:
             terms["mmd"] = sum(self.mmd_loss(c.student, c.teachers) for c in common)
             terms["recon"] = sum(self.recon_loss(c.reconstructions, c.targets) for c in common)
+        if self.loss_weights["balance"] or self.loss_weights["entropy"]:
+            terms |= self.union_prior(student.logits)
         return terms
 
     def combine_losses(self, terms: dict[str, Tensor]) -> Tensor:
         return sum(self.loss_weights[name] * value for name, value in terms.items())
 
-    def training_step(self, images: Tensor, batch_idx: int) -> Tensor:
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # A training batch's crop/flip and dropout draw from a seed fixed by (seed, epoch, batch): a run
+        # resumed mid-epoch replays them exactly (amalgam.checkpointing, amalgam.callbacks.ExactResume).
+        if self._trainer is not None and self.trainer.training:
+            seed_training_batch(self.trainer)
+        return batch
+
+    def training_step(self, images: Tensor, batch_idx: int) -> Tensor | None:
+        datamodule = self.trainer.datamodule if self._trainer else None
+        if hasattr(datamodule, "skipped_total"):  # unreadable image files dropped so far
+            self.log("data/skipped", float(datamodule.skipped_total), on_step=True, on_epoch=False)
+        if images.shape[0] < 2:  # unreadable files left < 2 images; BatchNorm and MMD need 2: skip the step
+            return None
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         teachers = self.teacher_outputs(images)
@@ -318,6 +336,15 @@ class AmalgamationModule(L.LightningModule):
         hparams = checkpoint.get("hyper_parameters", {})
         if callable(hparams.get("optimizer")):
             hparams["optimizer"] = None
+        # Never replace a good checkpoint with broken weights: raising here aborts this save before any file
+        # is touched (and the run with it), so the last good checkpoint stays the one to resume from.
+        broken = [k for k, v in checkpoint.get("state_dict", {}).items()
+                  if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise FloatingPointError(
+                f"weights {broken[:5]} became NaN/Inf by step {self.global_step} (epoch {self.current_epoch}); "
+                f"this checkpoint was not written and earlier ones are intact. Lower the learning rate or the "
+                f"loss weights, then resume with --ckpt_path last.")
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:

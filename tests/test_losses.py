@@ -113,3 +113,22 @@ def test_bad_arguments_are_named():
         SoftTargetKD("soft")
     with pytest.raises(ValueError, match="bandwidths"):
         MultiBandwidthMMD([0.0])
+
+
+def test_union_prior_terms_match_definitions():
+    from amalgam.losses import UnionPrior
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 4, generator=g) * 3
+    p = z.double().softmax(1)
+    mean_p = p.mean(0)
+    terms = UnionPrior()(z)
+    assert terms["balance"].item() == pytest.approx(math.log(4) + (mean_p * mean_p.log()).sum().item(), rel=1e-5)
+    assert terms["entropy"].item() == pytest.approx(-(p * p.log()).sum(1).mean().item(), rel=1e-5)
+    # Uniform mean prediction: zero balance term; one-hot confident predictions: near-zero entropy.
+    confident = torch.eye(4).repeat(2, 1) * 50
+    assert UnionPrior()(confident)["balance"].item() == pytest.approx(0.0, abs=1e-6)
+    assert UnionPrior()(confident)["entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    # All images on one class: the balance term is log K minus zero.
+    collapsed = torch.tensor([[50.0, 0, 0, 0]]).repeat(4, 1)
+    assert UnionPrior()(collapsed)["balance"].item() == pytest.approx(math.log(4), rel=1e-4)

@@ -1,0 +1,290 @@
+"""Accuracy of amalgamated students against the paper's baselines, on real Fashion-MNIST.
+
+    python benchmarks/accuracy.py                      # CPU preset: slim models, short schedule (~1 h, 2 cores)
+    python benchmarks/accuracy.py --preset gpu         # the full schedule (resnet18 student, 30 epochs)
+    python benchmarks/accuracy.py --settings S2 --seeds 0 --methods kd_slice amalgam   # a slice of the grid
+
+Settings: S2 = tasks {0-4}, {5-9}; S3 = {0-3}, {4-6}, {7-9}. Teachers of different families are trained once per
+setting and seed, with labels on their own task only (cached under --work). Every student method starts from
+the same initial weights and sees the same batches and augmented views (teachers see the same view).
+
+Writes benchmarks/results/accuracy.json (contract: {"<setting>": {"teachers": {"<task>": acc},
+"<method>": {"tasks": {...}, "acc_all", "acc_union", "acc_union_balanced", "std": {...}}}}, fractions) and
+prints a Markdown table for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from amalgam import AmalgamationModule, Classifier  # noqa: E402
+from amalgam.data import FASHION_MNIST_CLASSES, FashionMNISTDataModule  # noqa: E402
+from amalgam.data.fashion_mnist import load_fashion_mnist  # noqa: E402
+from amalgam.data.in_memory import InMemoryImages  # noqa: E402
+
+SETTINGS = {"S2": {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]},
+            "S3": {"a": [0, 1, 2, 3], "b": [4, 5, 6], "c": [7, 8, 9]}}
+GRAY = {"mean": [0.286] * 3, "std": [0.353] * 3}
+
+# Model families per preset. The CPU preset is sized for 2 cores; the GPU preset follows the issue's setting.
+PRESETS = {
+    "cpu": {
+        "teachers": [
+            {"arch": "resnet10t", "model_kwargs": {"channels": [32, 64, 128, 256]}, "input_size": 28, **GRAY},
+            {"arch": "vit_tiny_patch16_224", "input_size": 28, "mean": [0.5] * 3, "std": [0.5] * 3,
+             "model_kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 4, "num_heads": 3}},
+            {"arch": "convnext_atto", "input_size": 32, **GRAY,
+             "model_kwargs": {"dims": [32, 64, 128, 160], "depths": [1, 1, 2, 1]}},
+        ],
+        "student": {"arch": "resnet18", "model_kwargs": {"channels": [32, 64, 128, 256]}, "input_size": 28, **GRAY},
+        "teacher_epochs": 2, "student_epochs": 2, "train_limit": 20000, "batch_size": 128,
+    },
+    "gpu": {
+        "teachers": [
+            {"arch": "amalgam_resnet10t_nopool", "input_size": 28, **GRAY},
+            {"arch": "vit_tiny_patch16_224", "input_size": 28, "mean": [0.5] * 3, "std": [0.5] * 3,
+             "model_kwargs": {"img_size": 28, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3}},
+            {"arch": "convnext_atto", "input_size": 32, **GRAY},
+        ],
+        "student": {"arch": "amalgam_resnet18_nopool", "input_size": 28, **GRAY},
+        "teacher_epochs": 20, "student_epochs": 30, "train_limit": None, "batch_size": 256,
+    },
+}
+
+# Student methods: AmalgamationModule arguments. "supervised" is the all-labels upper bound.
+METHODS = {
+    "supervised": None,
+    "kd_concat": {"kd": "concat", "temperature": 1.0, "taps": [], "loss_weights": {"kd": 1.0}},
+    "kd_slice": {"kd": "slice", "temperature": 4.0, "taps": [], "loss_weights": {"kd": 1.0}},
+    "cfl_paper": {"kd": "concat", "temperature": 1.0, "taps": ["pooled"],
+                  "loss_weights": {"kd": 1.0, "mmd": 10.0, "recon": 10.0}},
+    "amalgam": {"kd": "slice", "temperature": 4.0, "taps": ["pooled"],
+                "loss_weights": {"kd": 1.0, "mmd": 1.0, "recon": 1.0, "balance": 1.0, "entropy": 0.1}},
+}
+
+
+def trainer(epochs: int, root: Path) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
+                     num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(root),
+                     precision="bf16-mixed" if torch.cuda.is_available() else "32-true")
+
+
+def train_teacher(setting: str, task: str, family: dict, seed: int, preset: dict, work: Path) -> Path:
+    path = work / f"{setting}-seed{seed}-teacher-{task}.ckpt"
+    if path.exists():
+        return path
+    L.seed_everything(seed, verbose=False)
+    classes = [FASHION_MNIST_CLASSES[i] for i in SETTINGS[setting][task]]
+    model = Classifier(classes=classes, task=task, lr=3e-3, **family)
+    data = FashionMNISTDataModule(tasks=SETTINGS[setting], supervised_task=task, batch_size=preset["batch_size"],
+                                  train_limit=preset["train_limit"], seed=seed)
+    t = trainer(preset["teacher_epochs"], work)
+    t.fit(model, datamodule=data)
+    t.save_checkpoint(path)
+    return path
+
+
+def teacher_configs(setting: str, seed: int, preset: dict, work: Path) -> list[dict]:
+    configs = []
+    for (task, ids), family in zip(SETTINGS[setting].items(), preset["teachers"]):
+        ckpt = train_teacher(setting, task, family, seed, preset, work)
+        configs.append({"task": task, "classes": [FASHION_MNIST_CLASSES[i] for i in ids],
+                        "checkpoint": str(ckpt), "taps": ["pooled"], **family})
+    return configs
+
+
+def build_student(method: str, teachers: list[dict], preset: dict, seed: int) -> AmalgamationModule:
+    cls = Supervised if method == "supervised" else AmalgamationModule
+    args = copy.deepcopy(METHODS[method] or METHODS["kd_slice"])
+    taps = args.pop("taps")
+    for t in teachers:
+        t["taps"] = list(taps)
+    L.seed_everything(seed, verbose=False)  # same student init for every method (built first, see module)
+    return cls(teachers, {**preset["student"], "taps": taps}, lr=2e-3, evaluate_teachers=False, **args)
+
+
+class Supervised(AmalgamationModule):
+    """The upper bound: the same student and batches, trained with all labels (cross-entropy on the union)."""
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("train/loss", loss.detach())
+        return loss
+
+
+class UnionLabels(FashionMNISTDataModule):
+    """The same training rows in the same order, with union labels: for the supervised bound only."""
+
+    def _build_train_set(self) -> InMemoryImages:
+        images, labels = load_fashion_mnist(self.root, "train")
+        class_ids = [i for ids in self.tasks.values() for i in ids]
+        rows = self._rows_of(labels, class_ids, self.train_limit)
+        return InMemoryImages(images[rows].unsqueeze(1), self._label_table(class_ids)[labels[rows]])
+
+
+@torch.inference_mode()
+def logits_of(fn, images: torch.Tensor, device: torch.device, batch: int = 1000) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to(device).float().div(255)
+        out.append(fn(x).float().cpu())
+    return torch.cat(out)
+
+
+def balance_offsets(logits: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+    """Label-free per-class offsets that make the mean prediction on unlabeled images uniform."""
+    offset = torch.zeros(logits.shape[1])
+    target = torch.full((logits.shape[1],), 1.0 / logits.shape[1])
+    for _ in range(iterations):
+        mean_p = (logits + offset).softmax(1).mean(0)
+        offset -= (mean_p / target).log()
+    return offset
+
+
+def evaluate(model: AmalgamationModule, setting: str, pool: torch.Tensor) -> dict:
+    device = model.device
+    model.eval()
+    test_x, test_y = load_fashion_mnist(FashionMNISTDataModule().root, "test")
+    test_x = test_x[:, None].expand(-1, 3, -1, -1)
+    ids = [i for t in SETTINGS[setting].values() for i in t]
+    union_label = torch.full((10,), -1, dtype=torch.long)
+    union_label[ids] = torch.arange(len(ids))
+    keep = union_label[test_y] >= 0
+    x, y = test_x[keep], union_label[test_y[keep]]
+    z = logits_of(model, x, device)
+    offset = balance_offsets(logits_of(model, pool, device))
+    result = {"tasks": {}}
+    correct_aware = 0
+    for task, (a, b) in zip(model.task_names, model.slices):
+        in_task = (y >= a) & (y < b)
+        hits = (z[in_task, a:b].argmax(1) == y[in_task] - a)
+        result["tasks"][task] = hits.float().mean().item()
+        correct_aware += hits.sum().item()
+    result["acc_all"] = correct_aware / len(y)
+    result["acc_union"] = (z.argmax(1) == y).float().mean().item()
+    result["acc_union_balanced"] = ((z + offset).argmax(1) == y).float().mean().item()
+    teacher_logits = [logits_of(lambda im, t=t: t(im).logits, x, device) for t in model.teachers]
+    result["teachers"] = {}
+    for t, (a, b), zt in zip(model.teachers, model.slices, teacher_logits):
+        in_task = (y >= a) & (y < b)
+        result["teachers"][t.task] = (zt[in_task].argmax(1) == y[in_task] - a).float().mean().item()
+    result["teachers_concat"] = (torch.cat(teacher_logits, 1).argmax(1) == y).float().mean().item()
+    return result
+
+
+def run_one(setting: str, method: str, seed: int, preset: dict, work: Path) -> dict:
+    teachers = teacher_configs(setting, seed, preset, work)
+    model = build_student(method, teachers, preset, seed)
+    cls = UnionLabels if method == "supervised" else FashionMNISTDataModule
+    data = cls(tasks=SETTINGS[setting], batch_size=preset["batch_size"], train_limit=preset["train_limit"], seed=seed)
+    L.seed_everything(seed, verbose=False)  # same batch order and augmentations for every method
+    t = trainer(preset["student_epochs"], work)
+    start = time.perf_counter()
+    t.fit(model, datamodule=data)
+    data.setup("fit")
+    pool = data.train_set.images[:10000].expand(-1, 3, -1, -1)  # unlabeled images, for balancing only
+    result = evaluate(model.to(t.strategy.root_device), setting, pool)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def aggregate(runs: list[dict]) -> dict:
+    def mean_std(values):
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    out, std = {"tasks": {}}, {"tasks": {}}
+    for task in runs[0]["tasks"]:
+        out["tasks"][task], std["tasks"][task] = mean_std([r["tasks"][task] for r in runs])
+    for key in ("acc_all", "acc_union", "acc_union_balanced"):
+        out[key], std[key] = mean_std([r[key] for r in runs])
+    out["std"] = std
+    out["seeds"] = len(runs)
+    return out
+
+
+def table(results: dict) -> str:
+    lines = []
+    for setting, res in results.items():
+        tasks = list(res["teachers"])
+        lines += [f"\n**{setting}** (teachers: " + ", ".join(f"{t} {100 * a:.2f}" for t, a in res["teachers"].items())
+                  + f"; teachers concatenated, task-agnostic {100 * res['teachers_concat']:.2f})", "",
+                  "| method | " + " | ".join(f"task {t}" for t in tasks)
+                  + " | all, task-aware | task-agnostic raw | task-agnostic balanced |",
+                  "|---" * (len(tasks) + 4) + "|"]
+        for method, m in res.items():
+            if method in ("teachers", "teachers_concat"):
+                continue
+            cells = [f"{100 * m['tasks'][t]:.2f} ± {100 * m['std']['tasks'][t]:.2f}" for t in tasks]
+            cells += [f"{100 * m[k]:.2f} ± {100 * m['std'][k]:.2f}" for k in ("acc_all", "acc_union",
+                                                                              "acc_union_balanced")]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--student-epochs", type=int, help="override the preset")
+    p.add_argument("--teacher-epochs", type=int, help="override the preset")
+    p.add_argument("--train-limit", type=int, help="override the preset (0 = all images)")
+    p.add_argument("--work", default="artifacts/bench-accuracy", help="teacher checkpoints are cached here")
+    p.add_argument("--out", default="benchmarks/results/accuracy.json")
+    args = p.parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    for key in ("student_epochs", "teacher_epochs", "train_limit"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key) or None
+    work = Path(args.work) / args.preset
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_float32_matmul_precision("high")
+
+    start = time.perf_counter()
+    results: dict = {}
+    for setting in args.settings:
+        per_method: dict[str, list[dict]] = {m: [] for m in args.methods}
+        teachers_acc: list[dict] = []
+        for seed in args.seeds:
+            for method in args.methods:
+                r = run_one(setting, method, seed, preset, work)
+                per_method[method].append(r)
+                print(f"[accuracy] {setting} seed {seed} {method}: tasks {r['tasks']} all {r['acc_all']:.4f} "
+                      f"union {r['acc_union']:.4f} balanced {r['acc_union_balanced']:.4f} ({r['seconds']} s)",
+                      flush=True)
+            teachers_acc.append(r)
+        results[setting] = {
+            "teachers": {t: statistics.fmean(r["teachers"][t] for r in teachers_acc) for t in teachers_acc[0]["teachers"]},
+            "teachers_concat": statistics.fmean(r["teachers_concat"] for r in teachers_acc),
+            **{m: aggregate(runs) for m, runs in per_method.items()},
+        }
+    results["_meta"] = {"preset": args.preset, "seeds": args.seeds, "seconds": round(time.perf_counter() - start),
+                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                        "torch": torch.__version__, "command": " ".join(["python benchmarks/accuracy.py", *(argv or sys.argv[1:])])}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(table({k: v for k, v in results.items() if not k.startswith("_")}))
+    print(f"\nwrote {out} in {results['_meta']['seconds']} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
