@@ -163,3 +163,17 @@ def test_wandb_logger_preset_offline_records_config(tmp_path, image_tree, monkey
     # The run's record holds the resolved hyper-parameters (teachers included) and the metrics.
     record = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert b"teachers" in record and b"train/loss" in record
+
+
+def test_class_path_teacher_is_tapped_by_hooks(tmp_path, image_tree):
+    plain = {"task": "c", "classes": ["oak", "elm"], "arch": "conftest.TinyNet", "model_kwargs": {"width": 6},
+             "input_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3}
+    with pytest.raises(ValueError, match=r"unknown tap 'nope'.*features"):
+        Teacher(**plain, taps=["nope"])
+    t = Teacher(**plain, taps=["features", "pool"])
+    feats = t(torch.rand(2, 3, SIZE, SIZE))
+    assert [tuple(f.shape) for f in feats.taps] == [(2, 6, 8, 8), (2, 6)] and feats.logits.shape == (2, 2)
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), {**plain, "taps": ["features"]}], student(),
+                         trainer={"fast_dev_run": 1})
+    cli = main(["fit", "--config", str(cfg)])
+    assert cli.trainer.global_step == 1 and cli.model.blocks[0].kind == "map"
