@@ -122,13 +122,14 @@ class AmalgamationModule(L.LightningModule):
         self.student = TappedNetwork(student["arch"], self.num_classes, student.get("taps", ["pooled"]),
                                      student.get("input_size"), student.get("mean"), student.get("std"),
                                      student.get("model_kwargs"), owner=f"student ({student['arch']})")
-        self.blocks = self._build_blocks(block_width, block_depth)
-
         weights = {**DEFAULT_WEIGHTS, **(loss_weights or {})}
         if set(weights) - set(DEFAULT_WEIGHTS):
             raise ValueError(f"model.loss_weights has unknown terms {sorted(set(weights) - set(DEFAULT_WEIGHTS))};"
                              f" valid terms: {sorted(DEFAULT_WEIGHTS)}")
         self.loss_weights = weights
+        # With both common-space terms off (plain KD) the blocks would only cost time: build none.
+        uses_blocks = weights["mmd"] > 0 or weights["recon"] > 0
+        self.blocks = self._build_blocks(block_width, block_depth) if uses_blocks else nn.ModuleList()
         self.kd_loss = SoftTargetKD(kd, temperature)
         self.mmd_loss = MultiBandwidthMMD(mmd_bandwidths or PAPER_BANDWIDTHS)
         self.recon_loss = ReconstructionLoss()

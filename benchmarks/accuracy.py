@@ -26,15 +26,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import lightning as L
+import torch
+import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from amalgam import AmalgamationModule, Classifier  # noqa: E402
-from amalgam.data import FASHION_MNIST_CLASSES, FashionMNISTDataModule  # noqa: E402
-from amalgam.data.fashion_mnist import load_fashion_mnist  # noqa: E402
-from amalgam.data.in_memory import InMemoryImages  # noqa: E402
+from amalgam import AmalgamationModule, Classifier
+from amalgam.data import FASHION_MNIST_CLASSES, FashionMNISTDataModule
+from amalgam.data.fashion_mnist import load_fashion_mnist
+from amalgam.data.in_memory import InMemoryImages
 
 SETTINGS = {"S2": {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]},
             "S3": {"a": [0, 1, 2, 3], "b": [4, 5, 6], "c": [7, 8, 9]}}
@@ -65,16 +66,17 @@ PRESETS = {
     },
 }
 
-# Student methods: AmalgamationModule arguments. "supervised" is the all-labels upper bound.
-METHODS = {
-    "supervised": None,
-    "kd_concat": {"kd": "concat", "temperature": 1.0, "taps": [], "loss_weights": {"kd": 1.0}},
-    "kd_slice": {"kd": "slice", "temperature": 4.0, "taps": [], "loss_weights": {"kd": 1.0}},
-    "cfl_paper": {"kd": "concat", "temperature": 1.0, "taps": ["pooled"],
-                  "loss_weights": {"kd": 1.0, "mmd": 10.0, "recon": 10.0}},
-    "amalgam": {"kd": "slice", "temperature": 4.0, "taps": ["pooled"],
-                "loss_weights": {"kd": 1.0, "mmd": 1.0, "recon": 1.0, "balance": 1.0, "entropy": 0.1}},
-}
+# Student methods are the library's presets (configs/presets/<method>.yaml): their loss choices only, so every
+# method shares the optimiser and schedule. "supervised" is the all-labels upper bound.
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
+METHOD_KEYS = ("kd", "temperature", "loss_weights", "mmd_bandwidths")
+METHODS = ["supervised", "kd_concat", "kd_slice", "cfl_paper", "amalgam"]
+
+
+def method_args(method: str) -> dict:
+    preset = yaml.safe_load((PRESET_DIR / f"{'kd_slice' if method == 'supervised' else method}.yaml").read_text())
+    init_args = preset["model"]["init_args"]
+    return {k: copy.deepcopy(init_args[k]) for k in METHOD_KEYS if k in init_args}
 
 
 def trainer(epochs: int, root: Path) -> L.Trainer:
@@ -110,12 +112,9 @@ def teacher_configs(setting: str, seed: int, preset: dict, work: Path) -> list[d
 
 def build_student(method: str, teachers: list[dict], preset: dict, seed: int) -> AmalgamationModule:
     cls = Supervised if method == "supervised" else AmalgamationModule
-    args = copy.deepcopy(METHODS[method] or METHODS["kd_slice"])
-    taps = args.pop("taps")
-    for t in teachers:
-        t["taps"] = list(taps)
-    L.seed_everything(seed, verbose=False)  # same student init for every method (built first, see module)
-    return cls(teachers, {**preset["student"], "taps": taps}, lr=2e-3, evaluate_teachers=False, **args)
+    L.seed_everything(seed, verbose=False)  # same student init for every method (teachers, then student)
+    return cls(teachers, {**preset["student"], "taps": ["pooled"]}, lr=2e-3, evaluate_teachers=False,
+               **method_args(method))
 
 
 class Supervised(AmalgamationModule):
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--student-epochs", type=int, help="override the preset")
     p.add_argument("--teacher-epochs", type=int, help="override the preset")
