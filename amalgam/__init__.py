@@ -11,8 +11,7 @@ from amalgam.teacher import Teacher, TeacherConfig
 
 __all__ = [
     "AmalgamationModule", "Classifier", "CommonFeatureBlock", "CommonFeatures", "Features",
-    "MultiBandwidthMMD", "ReconstructionLoss", "SoftTargetKD", "StudentConfig", "TappedNetwork", "Teacher",
-    "TeacherConfig", "build_model", "load_weights", "read_state_dict",
-    "Student", "export_student", "load_student",
+    "MultiBandwidthMMD", "ReconstructionLoss", "SoftTargetKD", "Student", "StudentConfig", "TappedNetwork",
+    "Teacher", "TeacherConfig", "build_model", "export_student", "load_student", "load_weights", "read_state_dict",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,7 @@
-from amalgam.cli import main
+import sys
+
+# `main` is the name pyproject's `amalgam` script points at: it returns the exit status.
+from amalgam.cli import entry_point as main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

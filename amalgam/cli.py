@@ -2,27 +2,49 @@
 
 Models and data modules are given by ``class_path`` (``amalgam.AmalgamationModule``, ``amalgam.Classifier``,
 or a subclass in the user's own project), so the same entry point trains teachers and students.
+``python -m amalgam export --ckpt run.ckpt --out DIR`` writes the student alone (``amalgam.export``).
+Every run gets, unless its config chose otherwise: a progress bar, atomic checkpoint files that load with
+``weights_only=True`` (``AtomicCheckpointIO``) and exact mid-epoch resume (``ExactResume``).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+
+from amalgam.callbacks import ExactResume
+from amalgam.checkpointing import AtomicCheckpointIO, RefusedCheckpointError
 
 
 class AmalgamCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyper-parameters first (with weights_only=True): name a refused file.
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as err:
+            raise RefusedCheckpointError(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A rich progress bar unless the config chose another bar or none: long runs should show progress.
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            config["callbacks"] = [*callbacks, RichProgressBar()]
+            callbacks = config["callbacks"] = [*callbacks, RichProgressBar()]
+        if not any(isinstance(c, ExactResume) for c in callbacks):
+            config["callbacks"] = [*callbacks, ExactResume()]
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -40,5 +62,52 @@ def main(args: list[str] | None = None, run: bool = True) -> AmalgamCLI:
     )
 
 
+# Errors a user can cause and fix (a path, a config value, a checkpoint, a diverging loss): one readable line.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, MisconfigurationException)
+
+
+def entry_point(args: list[str] | None = None) -> int:
+    """``python -m amalgam`` and the ``amalgam`` script. Returns the exit status.
+
+    A user error ends in ``amalgam: error: <message>`` on stderr and status 1, not in a traceback to decode
+    (``AMALGAM_TRACEBACK=1`` shows it). Config typos and wrong types are jsonargparse's (status 2).
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    try:
+        if argv[:1] == ["export"]:
+            from amalgam.export import export_main
+
+            export_main(argv[1:])
+        else:
+            main(args)  # None: LightningCLI reads sys.argv itself (and warns if given both)
+    except SIGTERMException:
+        print("amalgam: stopped by SIGTERM after the current step; resume with --ckpt_path last",
+              file=sys.stderr)
+        return 143
+    except USER_ERRORS as err:
+        if os.environ.get("AMALGAM_TRACEBACK"):
+            raise
+        print(f"amalgam: error: {user_message(err)}\n(set AMALGAM_TRACEBACK=1 for the full traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def user_message(err: BaseException) -> str:
+    """The message of the error the user should read.
+
+    jsonargparse wraps errors raised while it builds the model or data ("Does not validate against any of the
+    Union subtypes ..."): the cause is the real one. A DataLoader worker's error arrives with the worker's
+    traceback in its message: its last line is the real one.
+    """
+    while err.__cause__ is not None and "Does not validate against any of the Union subtypes" in str(err):
+        err = err.__cause__
+    text = str(err).strip()
+    if "Original Traceback (most recent call last)" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text or type(err).__name__
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(entry_point())

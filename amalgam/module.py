@@ -99,7 +99,7 @@ class AmalgamationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.optimizer_factory = optimizer or torch.optim.Adam
+        self.optimizer_factory = optimizer or fused_adam
         if not teachers:
             raise ValueError("model.teachers is empty: give at least one teacher")
         tasks = [t["task"] for t in teachers]
@@ -346,6 +346,15 @@ class AmalgamationModule(L.LightningModule):
                 f"weights {broken[:5]} became NaN/Inf by step {self.global_step} (epoch {self.current_epoch}); "
                 f"this checkpoint was not written and earlier ones are intact. Lower the learning rate or the "
                 f"loss weights, then resume with --ckpt_path last.")
+
+
+def fused_adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:
+    """The default optimizer: Adam, fused into one kernel per parameter where the device allows it (CPU,
+    CUDA). The unfused loop runs about ten small ops per tensor; fused, its step took a third of the time
+    on CPU for a slim ResNet-18 (benchmarks/RESULTS.md), and on a GPU it saves hundreds of kernel launches."""
+    params = [p for group in groups for p in group["params"]]
+    fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(groups, fused=True if fusable else None)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:

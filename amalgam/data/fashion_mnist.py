@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from amalgam.callbacks import ExactResume
 from amalgam.data.base import AmalgamDataModule, pin_memory_default
 from amalgam.data.idx import read_idx
 from amalgam.data.in_memory import InMemoryImages, collate_batched
@@ -210,10 +211,12 @@ class FashionMNISTDataModule(AmalgamDataModule):
         return InMemoryImages(images[rows].unsqueeze(1), rows)
 
     def _loader(self, dataset: InMemoryImages, batch_size: int, train: bool) -> DataLoader:
+        # Training order is a function of (seed, epoch), resumable mid-epoch (amalgam.callbacks.ExactResume).
+        sampler = ExactResume.sampler_for(self.trainer, len(dataset), batch_size) if train else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=sampler,
             # A size-1 last batch breaks BatchNorm; still keep it when it is the only batch.
             drop_last=train and len(dataset) > batch_size,
             num_workers=self.num_workers,

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from amalgam.callbacks import ExactResume
 from amalgam.data.base import AmalgamDataModule, pin_memory_default
 from amalgam.data.image_files import CollateSkipping, ImageFiles, SkipCounted, find_images, scan_images
 
@@ -151,10 +152,12 @@ class ImageFolderDataModule(AmalgamDataModule):
         return super().on_after_batch_transfer(batch, dataloader_idx)
 
     def _loader(self, dataset: ImageFiles, batch_size: int, train: bool) -> DataLoader:
+        # Training order is a function of (seed, epoch), resumable mid-epoch (amalgam.callbacks.ExactResume).
+        sampler = ExactResume.sampler_for(self.trainer, len(dataset), batch_size) if train else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=sampler,
             # A size-1 last batch breaks BatchNorm; still keep it when it is the only batch.
             drop_last=train and len(dataset) > batch_size,
             num_workers=self.num_workers,

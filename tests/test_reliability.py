@@ -1,0 +1,427 @@
+"""Bad inputs end in a clear message or a counted skip; no checkpoint runs code; no run is lost.
+
+Feeds each bad input through the real entry point (``amalgam.cli.entry_point``, what ``python -m amalgam``
+runs) and checks what the user reads: the message, and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TINY, amalgam_config, student, teacher, write_png
+from PIL import Image
+from safetensors.torch import save_file
+
+from amalgam import AmalgamationModule, Teacher
+from amalgam.backbones import TappedNetwork, read_state_dict
+from amalgam.callbacks import ExactResume
+from amalgam.checkpointing import AtomicCheckpointIO, ResumableSampler
+from amalgam.cli import entry_point, main
+
+# One intra-op thread: on a small shared machine, two spinning OpenMP threads slow these tiny models 100-fold.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_entry(args: list[str], capsys) -> tuple[int, str]:
+    """Exit status and stderr of ``python -m amalgam <args>``, run in this process."""
+    capsys.readouterr()
+    try:
+        code = entry_point(args)
+    except SystemExit as exit_:  # jsonargparse's own config errors
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad images: decoded or skipped and counted
+
+
+def bad_image_folder(root: Path) -> Path:
+    """16 plain PNGs, 4 odd but decodable images, 4 unreadable files: 24 files, 3 batches of 8."""
+    rng = np.random.default_rng(1)
+    for i in range(16):
+        write_png(root / f"good{i}.png", rng, (40, 40))
+    Image.new("CMYK", (40, 40), (10, 200, 30, 0)).save(root / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)).save(root / "deep16.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), "L").save(root / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8), "RGBA").save(root / "alpha.png")
+    (root / "corrupt.png").write_bytes(rng.integers(0, 255, 500, dtype=np.uint8).tobytes())
+    (root / "truncated.png").write_bytes((root / "good0.png").read_bytes()[:200])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.jpg").write_text("not an image at all")
+    return root
+
+
+def test_fit_counts_and_logs_skipped_images(tmp_path, image_tree):
+    folder = bad_image_folder(tmp_path / "train")
+    cfg = amalgam_config(tmp_path, {**image_tree, "train": str(folder)}, [teacher("a", "resnet")], student(),
+                         trainer={"max_epochs": 1, "limit_val_batches": 0})
+    cli = main(["fit", "--config", str(cfg)])
+    assert cli.trainer.global_step == 3  # every batch trained, on the 20 readable images
+    assert cli.datamodule.skipped_total == 4
+    assert cli.trainer.callback_metrics["data/skipped"] == 4
+
+
+@pytest.mark.parametrize("workers", [0, 1])  # a worker's error arrives wrapped in its traceback: unwrapped
+def test_strict_mode_stops_naming_the_file(workers, tmp_path, image_tree, capsys):
+    folder = bad_image_folder(tmp_path / "train")
+    cfg = amalgam_config(tmp_path, {**image_tree, "train": str(folder)}, [teacher("a", "resnet")], student(),
+                         trainer={"max_epochs": 1, "limit_val_batches": 0})
+    code, err = run_entry(["fit", "--config", str(cfg), "--data.init_args.strict", "true",
+                           "--data.init_args.num_workers", str(workers)], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "strict=True" in err and any(name in err for name in ("corrupt.png", "truncated.png", "empty.jpg",
+                                                                  "notes.jpg"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad folders, checkpoints, taps: one readable line from the CLI
+
+
+def _case(name: str, tmp_path: Path, image_tree: dict) -> tuple[list[dict], dict, list[str], str]:
+    """(teachers, student, extra CLI args, expected message) of one bad input."""
+    teachers, extra = [teacher("a", "resnet"), teacher("b", "vit")], []
+    stud = student()
+    if name == "missing train folder":
+        extra, expected = ["--data.init_args.train_dir", str(tmp_path / "nowhere")], "does not exist"
+    elif name == "empty train folder":
+        (tmp_path / "empty").mkdir()
+        extra, expected = ["--data.init_args.train_dir", str(tmp_path / "empty")], "holds no images"
+    elif name == "folder without images":
+        (tmp_path / "docs").mkdir()
+        (tmp_path / "docs" / "readme.txt").write_text("no pictures here")
+        extra, expected = ["--data.init_args.train_dir", str(tmp_path / "docs")], "holds no images"
+    elif name == "eval classes differ":
+        rng = np.random.default_rng(0)
+        for cls in ("cat", "cow"):
+            write_png(tmp_path / "eval_a" / cls / "0.png", rng, (32, 32))
+        extra = ["--data.init_args.eval_dirs", f"{{a: {tmp_path / 'eval_a'}}}"]
+        expected = "missing folders: ['dog'], extra folders: ['cow']"
+    elif name == "missing teacher checkpoint":
+        teachers[0] = teacher("a", "resnet", checkpoint=str(tmp_path / "gone.safetensors"))
+        expected = "gone.safetensors' does not exist"
+    elif name == "unknown tap":
+        teachers[0] = teacher("a", "resnet", taps=["layer9"])
+        expected = "unknown tap 'layer9'. Valid taps: ['pooled', 'act1', 'layer1', 'layer2', 'layer3', 'layer4']"
+    elif name == "maps cannot align":
+        teachers[1] = teacher("b", "vit", taps=["blocks.0", "pooled"])
+        expected = "teacher 'b' has taps ['blocks.0', 'pooled'] but the student has ['layer4']"
+    else:
+        raise AssertionError(name)
+    return teachers, stud, extra, expected
+
+
+@pytest.mark.parametrize("name", ["missing train folder", "empty train folder", "folder without images",
+                                  "eval classes differ", "missing teacher checkpoint", "unknown tap",
+                                  "maps cannot align"])
+def test_bad_input_reaches_the_user_as_one_message(name, tmp_path, image_tree, capsys):
+    teachers, stud, extra, expected = _case(name, tmp_path, image_tree)
+    cfg = amalgam_config(tmp_path, image_tree, teachers, stud, trainer={"max_steps": 1, "limit_val_batches": 1})
+    code, err = run_entry(["fit", "--config", str(cfg), *extra], capsys)
+    assert code == 1, err
+    assert "Traceback" not in err and err.startswith("amalgam: error: ")
+    assert expected in err
+
+
+def test_config_typo_in_a_subprocess_names_the_key_without_traceback(tmp_path, image_tree):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student())
+    config = yaml.safe_load(cfg.read_text())
+    config["model"]["init_args"]["teachers"][0]["chekpoint"] = "a.safetensors"  # typo inside a teacher entry
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    out = subprocess.run([sys.executable, "-m", "amalgam", "fit", "--config", str(bad)], capture_output=True,
+                         text=True, env=ENV, cwd=tmp_path, timeout=120)
+    assert out.returncode != 0
+    assert "chekpoint" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("edit", "key"), [
+    (lambda c: c["model"]["init_args"].update(block_widht=8), "block_widht"),
+    (lambda c: c["model"]["init_args"].update(block_width="eight"), "block_width"),
+    (lambda c: c["model"]["init_args"]["student"].update(input_sise=32), "input_sise"),
+], ids=["typo", "wrong-type", "typo-in-student"])
+def test_config_errors_are_jsonargparse_messages(edit, key, tmp_path, image_tree, capsys):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student())
+    config = yaml.safe_load(cfg.read_text())
+    edit(config)
+    cfg.write_text(yaml.safe_dump(config))
+    code, err = run_entry(["fit", "--config", str(cfg)], capsys)
+    assert code == 2 and key in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------------
+# Teacher checkpoints: every mismatch named
+
+
+def _resnet_state(num_classes: int = 2) -> dict[str, torch.Tensor]:
+    spec = TINY["resnet"]
+    return TappedNetwork(spec["arch"], num_classes, [], model_kwargs=spec["model_kwargs"]).model.state_dict()
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong-arch", "head-size", "missing-key", "unexpected-key"])
+def test_teacher_checkpoint_errors_name_teacher_and_sizes(case, tmp_path):
+    path = tmp_path / "teacher_a.safetensors"
+    state = _resnet_state()
+    if case == "wrong-arch":
+        spec = TINY["convnext"]
+        state = TappedNetwork(spec["arch"], 2, [], model_kwargs=spec["model_kwargs"]).model.state_dict()
+        expected = "keys are in it: is it the right architecture (arch, model_kwargs)?"
+    elif case == "head-size":
+        state = _resnet_state(num_classes=3)
+        expected = "teacher 'a': the checkpoint's head has 3 outputs but 2 class names were given"
+    elif case == "missing-key":
+        state.pop("layer1.0.conv1.weight")
+        expected = "missing keys ['layer1.0.conv1.weight']"
+    elif case == "unexpected-key":
+        state["extra.weight"] = torch.zeros(3)
+        expected = "unexpected keys ['extra.weight']"
+    else:
+        expected = "teacher_a.safetensors' does not exist"
+    if case != "missing":
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        Teacher(**teacher("a", "resnet", checkpoint=str(path)))
+    assert expected in str(info.value)
+    if case != "missing":
+        assert "teacher 'a'" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Diverging losses: the run stops with the term and the step; the last good checkpoint survives
+
+
+class NaNAtStep(AmalgamationModule):
+    """A run whose MMD term turns NaN at step 3 (stands in for any divergence)."""
+
+    def loss_terms(self, student, teachers, common):
+        terms = super().loss_terms(student, teachers, common)
+        if self.global_step == 3:
+            terms["mmd"] = terms["mmd"] * float("nan")
+        return terms
+
+
+class PoisonWeightsAt(L.Callback):
+    """Turns one student weight into Inf after step ``step``, before the checkpoint of that step is saved."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.student.parameters()).view(-1)[0] = float("inf")
+
+
+def _every_step_checkpoint(dirpath: Path) -> dict:
+    return {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(dirpath), "every_n_train_steps": 1, "save_last": True, "save_top_k": 0}}
+
+
+def _assert_finite_checkpoint(path: Path, step: int) -> dict:
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["global_step"] == step
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    return ckpt
+
+
+def test_nan_loss_names_term_and_step_and_last_checkpoint_stays_good(tmp_path, image_tree, capsys):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
+                         trainer={"max_steps": 6, "limit_val_batches": 0, "enable_checkpointing": True,
+                                  "callbacks": [_every_step_checkpoint(tmp_path / "ckpt")]},
+                         model_class=f"{__name__}.NaNAtStep")
+    code, err = run_entry(["fit", "--config", str(cfg)], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "loss term(s) ['mmd'] became NaN/Inf at step 3" in err
+    ckpt = _assert_finite_checkpoint(tmp_path / "ckpt" / "last.ckpt", step=3)
+    reloaded = AmalgamationModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert torch.equal(reloaded.student.state_dict()["model.fc.weight"], ckpt["state_dict"]["student.model.fc.weight"])
+
+
+def test_broken_weights_never_overwrite_the_last_good_checkpoint(tmp_path, image_tree):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student(),
+                         trainer={"max_steps": 6, "limit_val_batches": 0, "enable_checkpointing": True,
+                                  "callbacks": [_every_step_checkpoint(tmp_path / "ckpt")]})
+    cli = main(["--config", str(cfg)], run=False)
+    cli.trainer.callbacks.insert(0, PoisonWeightsAt(step=2))
+    with pytest.raises(FloatingPointError, match=r"weights \['student\.model\.conv1\.weight'\] became NaN/Inf by step 2"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    _assert_finite_checkpoint(tmp_path / "ckpt" / "last.ckpt", step=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Security: planted pickles are refused and never run
+
+
+class Payload:
+    """What a malicious checkpoint carries: unpickling it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickles_are_refused_everywhere_and_never_run(tmp_path, image_tree, capsys):
+    marker = tmp_path / "PWNED"
+    state = {k: v for k, v in _resnet_state().items()}
+    evil_weights = tmp_path / "teacher.pth"
+    torch.save({**state, "x": Payload(marker)}, evil_weights)
+    evil_ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"student": {}, "teachers": []}, "x": Payload(marker)},
+               evil_ckpt)
+
+    with pytest.raises(ValueError, match="Refused to load .*teacher.pth.*running pickled code"):
+        read_state_dict(evil_weights)
+
+    # As a teacher checkpoint in a config, as --ckpt_path to resume from, as the checkpoint to export:
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet", checkpoint=str(evil_weights))], student())
+    code, err = run_entry(["fit", "--config", str(cfg)], capsys)
+    assert code == 1 and "Refused to load" in err and "Traceback" not in err
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student(), trainer={"max_steps": 1})
+    code, err = run_entry(["fit", "--config", str(cfg), "--ckpt_path", str(evil_ckpt)], capsys)
+    assert code == 1 and "Refused to load checkpoint" in err and "posix.system" in err and "Traceback" not in err
+    code, err = run_entry(["export", "--ckpt", str(evil_ckpt), "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and "Refused to load checkpoint" in err
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        AmalgamationModule.load_from_checkpoint(evil_ckpt)
+    assert not marker.exists(), "a planted pickle ran"
+
+
+def test_garbage_safetensors_is_a_clear_error(tmp_path):
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        read_state_dict(path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Nothing lost: atomic checkpoint files, exact resume after a kill
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+
+    def crash_midway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")  # bytes reach the disk, then the process "dies"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    monkeypatch.undo()
+    ckpt = io.load_checkpoint(path)
+    assert ckpt["global_step"] == 1 and torch.equal(ckpt["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "a temporary file was left behind"
+    assert path.stat().st_mode & 0o044, "checkpoints must stay readable like any file the user writes"
+
+
+def test_cli_wires_atomic_io_and_exact_resume_by_default(tmp_path, image_tree):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student())
+    trainer = main(["--config", str(cfg)], run=False).trainer
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert sum(isinstance(c, ExactResume) for c in trainer.callbacks) == 1
+
+
+def test_resumable_sampler_order_is_a_function_of_seed_and_epoch():
+    def order(epoch, seed=0, **kw):
+        sampler = ResumableSampler(10, seed=seed, **kw)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0) == order(0) and order(0) != order(1) and order(0) != order(0, seed=1)
+    assert sorted(order(3)) == list(range(10))
+    sampler = ResumableSampler(10, seed=0)
+    sampler.start_at(epoch=2, samples=4)
+    assert list(sampler) == order(2)[4:] and len(sampler) == 10
+    assert list(sampler) == order(2)  # the skip applies to one pass only
+    shares = [order(0, num_replicas=2, rank=r) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == list(range(10))
+
+
+KILLER = textwrap.dedent("""
+    import os, signal
+    import lightning as L
+
+    class KillAt(L.Callback):
+        '''Sends the run a real signal at the start of a step: after the checkpoint of the step before.'''
+
+        def __init__(self, step: int, sig: str = "SIGKILL") -> None:
+            self.step, self.sig = step, sig
+
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), getattr(signal, self.sig))
+""")
+
+
+def _resume_config(tmp_path: Path, image_tree: dict, name: str, kill: tuple[int, str] | None = None) -> Path:
+    callbacks = [_every_step_checkpoint(tmp_path / name)]
+    if kill:
+        callbacks.append({"class_path": "killer.KillAt", "init_args": {"step": kill[0], "sig": kill[1]}})
+    run_dir = tmp_path / f"{name}_cfg"
+    run_dir.mkdir(exist_ok=True)
+    # 24 images in batches of 8: 3 steps per epoch, 2 epochs; random crops and flips; validation each epoch.
+    cfg = amalgam_config(run_dir, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
+                         trainer={"max_epochs": 2, "limit_val_batches": 1, "enable_checkpointing": True,
+                                  "callbacks": callbacks})
+    config = yaml.safe_load(cfg.read_text())
+    config["data"]["init_args"].update(padding=4, flip=True)
+    cfg.write_text(yaml.safe_dump(config))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, image_tree) -> dict[str, torch.Tensor]:
+    """Final weights of the run below, never interrupted."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cli = main(["fit", "--config", str(_resume_config(root, image_tree, "full"))])
+    torch.set_num_threads(threads)
+    assert cli.trainer.global_step == 6
+    return torch.load(root / "full" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize(("sig", "saved_step"), [("SIGKILL", 4), ("SIGTERM", 5)])
+def test_killed_mid_epoch_then_resumed_equals_uninterrupted(sig, saved_step, uninterrupted, tmp_path,
+                                                            image_tree):
+    (tmp_path / "killer.py").write_text(KILLER)
+    # Killed at the start of step 4 (epoch 1, one of its three batches done). SIGKILL: nothing runs after it.
+    # SIGTERM (pre-emption): Lightning finishes step 4, checkpoints it, and amalgam exits with status 143.
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    killed_cfg = _resume_config(tmp_path, image_tree, "run", kill=(4, sig))
+    out = subprocess.run([sys.executable, "-m", "amalgam", "fit", "--config", str(killed_cfg)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == (-signal.SIGKILL if sig == "SIGKILL" else 143), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    left = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert left["global_step"] == saved_step and left["epoch"] == 1  # mid-epoch
+    assert left["callbacks"]["ExactResume"] == {"epoch": 1, "batches_done": saved_step - 3}
+
+    cli = main(["fit", "--config", str(_resume_config(tmp_path, image_tree, "run")), "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 6
+    resumed = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["state_dict"]
+    assert resumed.keys() == uninterrupted.keys()
+    differ = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
+    assert not differ, f"resumed weights differ from the uninterrupted run's: {differ[:5]}"
