@@ -52,7 +52,9 @@ PRESETS = {
              "model_kwargs": {"dims": [32, 64, 128, 160], "depths": [1, 1, 2, 1]}},
         ],
         "student": {"arch": "resnet18", "model_kwargs": {"channels": [32, 64, 128, 256]}, "input_size": 28, **GRAY},
-        "teacher_epochs": 2, "student_epochs": 2, "train_limit": 20000, "batch_size": 128,
+        # Teachers see all of their task's images; students a fixed subset of the unlabeled pool.
+        "teacher_epochs": 2, "student_epochs": 2, "train_limit": 20000, "teacher_train_limit": None,
+        "batch_size": 128,
     },
     "gpu": {
         "teachers": [
@@ -62,7 +64,8 @@ PRESETS = {
             {"arch": "convnext_atto", "input_size": 32, **GRAY},
         ],
         "student": {"arch": "amalgam_resnet18_nopool", "input_size": 28, **GRAY},
-        "teacher_epochs": 20, "student_epochs": 30, "train_limit": None, "batch_size": 256,
+        "teacher_epochs": 20, "student_epochs": 30, "train_limit": None, "teacher_train_limit": None,
+        "batch_size": 256,
     },
 }
 
@@ -71,12 +74,20 @@ PRESETS = {
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
 METHOD_KEYS = ("kd", "temperature", "loss_weights", "mmd_bandwidths")
 METHODS = ["supervised", "kd_concat", "kd_slice", "cfl_paper", "amalgam"]
+# Ablations of the amalgam preset: each switches one of its ideas off.
+ABLATIONS = {
+    "amalgam-no_cfl": {"mmd": 0.0, "recon": 0.0},
+    "amalgam-no_prior": {"balance": 0.0, "entropy": 0.0},
+    "amalgam-no_entropy": {"entropy": 0.0},
+}
 
 
 def method_args(method: str) -> dict:
-    preset = yaml.safe_load((PRESET_DIR / f"{'kd_slice' if method == 'supervised' else method}.yaml").read_text())
-    init_args = preset["model"]["init_args"]
-    return {k: copy.deepcopy(init_args[k]) for k in METHOD_KEYS if k in init_args}
+    base = "kd_slice" if method == "supervised" else method.split("-")[0]
+    init_args = yaml.safe_load((PRESET_DIR / f"{base}.yaml").read_text())["model"]["init_args"]
+    args = {k: copy.deepcopy(init_args[k]) for k in METHOD_KEYS if k in init_args}
+    args["loss_weights"] = {**args.get("loss_weights", {}), **ABLATIONS.get(method, {})}
+    return args
 
 
 def trainer(epochs: int, root: Path) -> L.Trainer:
@@ -87,14 +98,16 @@ def trainer(epochs: int, root: Path) -> L.Trainer:
 
 
 def train_teacher(setting: str, task: str, family: dict, seed: int, preset: dict, work: Path) -> Path:
-    path = work / f"{setting}-seed{seed}-teacher-{task}.ckpt"
+    # The file name carries what shapes a teacher, so a changed preset never reuses a stale one.
+    limit = preset["teacher_train_limit"] or "all"
+    path = work / f"{setting}-seed{seed}-teacher-{task}-{family['arch']}-e{preset['teacher_epochs']}-n{limit}.ckpt"
     if path.exists():
         return path
     L.seed_everything(seed, verbose=False)
     classes = [FASHION_MNIST_CLASSES[i] for i in SETTINGS[setting][task]]
     model = Classifier(classes=classes, task=task, lr=3e-3, **family)
     data = FashionMNISTDataModule(tasks=SETTINGS[setting], supervised_task=task, batch_size=preset["batch_size"],
-                                  train_limit=preset["train_limit"], seed=seed)
+                                  train_limit=preset["teacher_train_limit"], seed=seed)
     t = trainer(preset["teacher_epochs"], work)
     t.fit(model, datamodule=data)
     t.save_checkpoint(path)
@@ -240,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + list(ABLATIONS),
+                   help="methods to run; ablations of the amalgam preset: " + ", ".join(ABLATIONS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--student-epochs", type=int, help="override the preset")
     p.add_argument("--teacher-epochs", type=int, help="override the preset")
