@@ -249,45 +249,58 @@ def default_preprocessing(model: nn.Module) -> tuple[int, tuple[float, ...], tup
     return int(size), tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
 
 
-class PixelConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that, on a 1x1 map, multiplies by the one kernel tap that sees the pixel.
+class SmallMapConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that runs as one matrix product on maps with no more pixels than its kernel has taps.
 
-    A padded convolution whose output on a 1x1 map is 1x1 (the 3x3 convs of a ResNet's last stage at
-    28-32 px inputs) multiplies the pixel by a single tap; every other tap only meets zero padding. A
-    matrix product with that tap gives the same outputs and gradients (the other taps' gradients are zero
-    either way) for a ninth of the work, where CPU convolution kernels are at their slowest: it made the
-    28 px demo's step 1.3-1.7x faster on CPU (benchmarks/RESULTS.md). Other inputs run the convolution.
+    A ResNet's last stages at 28-32 px inputs see 2x2 and 1x1 maps, where most kernel taps meet only zero
+    padding and CPU convolution kernels are at their slowest (the backward of a 3x3 conv on a 1x1 map took
+    15x its forward). Unrolled into a dense ``[C_out x out pixels, C_in x in pixels]`` matrix, the kernel
+    computes the same sums, and gets the same gradients, in one GEMM: this made the 28 px demo's step
+    about 1.3x faster on CPU (benchmarks/RESULTS.md). Larger maps run the ordinary convolution.
     """
 
-    pixel_tap: tuple[int, int]
-
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-2:] == (1, 1):
-            ky, kx = self.pixel_tap
-            return nn.functional.linear(x.flatten(1), self.weight[:, :, ky, kx], self.bias)[:, :, None, None]
-        return super().forward(x)
+        h, w = x.shape[-2:]
+        if h * w > self.kernel_size[0] * self.kernel_size[1]:
+            return super().forward(x)
+        select, out_size = self._selection(h, w, self.weight)
+        if min(out_size) < 1:  # kernel larger than the padded map: the convolution's own error says so
+            return super().forward(x)
+        c_out, c_in = self.weight.shape[:2]
+        # One-hot selection (exact): each (output pixel, input pixel) pair's tap, then rows and columns
+        # ordered (channel, pixel) like the flattened NCHW maps.
+        matrix = (self.weight.flatten(2) @ select).view(c_out, c_in, -1, h * w).transpose(1, 2)
+        matrix = matrix.reshape(-1, c_in * h * w)  # [C_out * P_out, C_in * P_in]
+        bias = None if self.bias is None else self.bias.repeat_interleave(out_size[0] * out_size[1])
+        return nn.functional.linear(x.reshape(x.shape[0], -1), matrix, bias).view(x.shape[0], c_out, *out_size)
+
+    def _selection(self, h: int, w: int, like: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """``[taps, P_out * P_in]``: 1 where the kernel tap joins the (output pixel, input pixel) pair."""
+        cache = self.__dict__.setdefault("_selection_cache", {})  # not a buffer: no state-dict entry
+        key = (h, w, like.device, like.dtype)
+        if key not in cache:
+            axes = []
+            for n, k, p, d, s in zip((h, w), self.kernel_size, self.padding, self.dilation, self.stride):
+                out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+                offset = torch.arange(n)[None, :] - torch.arange(max(out, 0))[:, None] * s + p  # = d * tap
+                tap = offset.div(d, rounding_mode="floor")
+                axes.append((out, tap, (offset % d == 0) & (tap >= 0) & (tap < k)))
+            (ho, tap_y, ok_y), (wo, tap_x, ok_x) = axes
+            tap = (tap_y[:, None, :, None] * self.kernel_size[1] + tap_x[None, :, None, :]).flatten()
+            ok = (ok_y[:, None, :, None] & ok_x[None, :, None, :]).flatten()
+            select = torch.zeros(self.kernel_size[0] * self.kernel_size[1], tap.numel())
+            select[tap[ok], torch.arange(tap.numel())[ok]] = 1.0
+            cache[key] = select.to(like.device, like.dtype), (ho, wo)
+        return cache[key]
 
 
-def _pixel_tap(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """The kernel tap that meets a 1x1 input, when the output is 1x1 too; None when the rewrite does not apply."""
-    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return None
-    tap = []
-    for k, p, d, s in zip(conv.kernel_size, conv.padding, conv.dilation, conv.stride):
-        # output size 1 + floor((2p - d(k-1)) / s) must be 1, and the pixel must sit on a tap: p = d * tap
-        if p % d or p // d >= k or not 0 <= 2 * p - d * (k - 1) < s:
-            return None
-        tap.append(p // d)
-    return tap[0], tap[1]
-
-
-def skip_padding_taps(model: nn.Module) -> nn.Module:
-    """Makes every plain ``nn.Conv2d`` of ``model`` that can meet a 1x1 map a ``PixelConv2d``, in place:
-    same parameters and state-dict keys, same results; only the kernel that runs on 1x1 maps changes."""
+def use_small_map_convs(model: nn.Module) -> nn.Module:
+    """Makes every plain ``nn.Conv2d`` of ``model`` a ``SmallMapConv2d``, in place: same parameters, same
+    state-dict keys, same results; only maps smaller than the kernel take the matrix-product path."""
     for module in model.modules():
-        if type(module) is nn.Conv2d and (tap := _pixel_tap(module)) is not None:
-            module.__class__ = PixelConv2d
-            module.pixel_tap = tap
+        if (type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
+                and not isinstance(module.padding, str)):
+            module.__class__ = SmallMapConv2d
     return model
 
 
@@ -302,7 +315,7 @@ class TappedNetwork(nn.Module):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  model_kwargs: dict[str, Any] | None = None, owner: str = "model") -> None:
         super().__init__()
-        self.model = skip_padding_taps(build_model(arch, num_classes, model_kwargs))
+        self.model = use_small_map_convs(build_model(arch, num_classes, model_kwargs))
         size, default_mean, default_std = default_preprocessing(self.model)
         self.input_size = int(input_size or size)
         self.register_buffer("mean", torch.tensor(mean or default_mean).view(1, -1, 1, 1), persistent=False)

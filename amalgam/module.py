@@ -67,7 +67,8 @@ class AmalgamationModule(L.LightningModule):
             the paper's StepLR(15, 0.1)) or ``"none"``.
         warmup_steps: linear warm-up before the cosine.
         compile: ``torch.compile`` the student, blocks and teachers (in place, state-dict keys unchanged).
-        channels_last: run convolutions in channels-last memory format (faster on GPUs).
+        channels_last: run convolutions in channels-last memory format (faster on GPUs; on CPU the 28 px
+            demo's step was 1.15x faster, benchmarks/RESULTS.md).
         evaluate_teachers: also report each teacher's accuracy and their concatenated union accuracy.
         nan_check_every_n_steps: stop with a clear error when a loss term is NaN/Inf; each check syncs
             with the device, so GPU runs may check less often.
