@@ -23,15 +23,6 @@ from amalgam.cli import entry_point, main
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a small shared machine two spinning OpenMP threads slow these tiny models 100-fold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, image_tree) -> dict:
     """A 2-step amalgamation run (ResNet + ViT teachers, ResNet student), its checkpoint and its export."""

@@ -28,16 +28,8 @@ from amalgam.callbacks import ExactResume
 from amalgam.checkpointing import AtomicCheckpointIO, ResumableSampler
 from amalgam.cli import entry_point, main
 
-# One intra-op thread: on a small shared machine, two spinning OpenMP threads slow these tiny models 100-fold.
+# Subprocesses: offline, one intra-op thread (conftest sets the same for this process).
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_entry(args: list[str], capsys) -> tuple[int, str]:
