@@ -64,8 +64,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file {str(path)!r} not found; check --ckpt_path.")
         try:
-            return torch.load(path, map_location=map_location or (lambda storage, loc: storage),
-                              weights_only=True)
+            on_cpu = map_location or (lambda storage, loc: storage)
+            return torch.load(path, map_location=on_cpu, weights_only=True)
         except Exception as err:
             raise RefusedCheckpointError(path, err) from err
 
