@@ -23,19 +23,24 @@ class Classifier(L.LightningModule):
     classes: class names, in label order; the data module's task must list the same ones.
     task: the task name (for logs and for matching the data module).
     input_size, mean, std, model_kwargs: preprocessing and constructor options, as for a teacher.
-    lr, weight_decay, label_smoothing: AdamW with a per-step cosine schedule.
+    lr, weight_decay, label_smoothing: AdamW with a one-cycle schedule, stepped per batch.
+    channels_last: run convolutions in channels-last memory format (~1.2x faster for small CNNs on CPU too).
     """
 
     def __init__(self, arch: str, classes: list[str], task: str = "task", input_size: int | None = None,
                  mean: list[float] | None = None, std: list[float] | None = None,
                  model_kwargs: dict[str, Any] | None = None, lr: float = 2e-3, weight_decay: float = 0.05,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, channels_last: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = TappedNetwork(arch, len(classes), [], input_size, mean, std, model_kwargs,
                                  owner=f"classifier {task!r} ({arch})")
         self.val_acc = MulticlassAccuracy(len(classes), average="micro")
         self.test_acc = MulticlassAccuracy(len(classes), average="micro")
+
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -45,6 +50,8 @@ class Classifier(L.LightningModule):
                              f"differ from model.classes {list(self.hparams.classes)}")
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images).logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
