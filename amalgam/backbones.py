@@ -139,7 +139,8 @@ def tap_shapes(model: nn.Module, taps: Sequence[Tap], input_size: int, owner: st
     model.eval()
     try:
         with torch.no_grad():
-            feats = tapper(torch.zeros(2, 3, input_size, input_size, device=next(model.parameters()).device))
+            weight = next(model.parameters())
+            feats = tapper(torch.zeros(2, 3, input_size, input_size, device=weight.device, dtype=weight.dtype))
     except RuntimeError as err:
         raise ValueError(f"{owner}: the model does not run on {input_size}x{input_size} inputs ({err}). "
                          f"Set a larger input_size for it.") from err

@@ -65,7 +65,11 @@ class Teacher(L.LightningModule):
         return super().train(False)
 
     def forward(self, images: Tensor) -> Features:
+        weight = next(self.net.parameters(), None)
+        low_precision = weight is not None and weight.dtype in (torch.bfloat16, torch.float16)
         with torch.inference_mode():
-            out = self.net(images)
-        # Inference tensors cannot enter autograd (the adapters and the KD target need them): one cheap copy.
-        return Features([t.clone() for t in out.taps], out.logits.clone())
+            out = self.net(images.to(weight.dtype) if low_precision else images)
+        # Inference tensors cannot enter autograd (the adapters and the KD target need them): one cheap copy,
+        # in float32 for a teacher held in bf16/fp16 (model.teacher_dtype) so the adapters see their own dtype.
+        copy = (lambda t: t.float()) if low_precision else (lambda t: t.clone())
+        return Features([copy(t) for t in out.taps], copy(out.logits))

@@ -25,12 +25,12 @@ class _Net:
     """One network as the published code runs it: a bare model, its preprocessing, hooks on the tapped layers."""
 
     def __init__(self, tapped: nn.Module, grid_shapes: list[tuple[int, ...]]) -> None:
-        self.model = copy.deepcopy(tapped.model)
+        self.model = copy.deepcopy(tapped.model).float()  # fp32 as published, whatever amalgam's teacher_dtype
         for module in self.model.modules():  # plain convolutions everywhere, as published
             if isinstance(module, SmallMapConv2d):
                 module.__class__ = nn.Conv2d
         self.size = tapped.input_size
-        self.mean, self.std = tapped.mean.clone(), tapped.std.clone()
+        self.mean, self.std = tapped.mean.float().clone(), tapped.std.float().clone()
         self.shapes = grid_shapes  # per-sample shapes amalgam reports, to put hooked outputs in NCHW
         self.captured: list[Tensor | None] = [None] * len(tapped.tapper.taps)
         modules = dict(self.model.named_modules())

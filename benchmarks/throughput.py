@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py                                   # CPU: case c (sized for 2 cores)
     python benchmarks/throughput.py --channels-last                   # CPU, amalgam with channels-last convs
-    python benchmarks/throughput.py --device cuda --bf16 --channels-last --compile   # GPU: cases a, b, c
+    python benchmarks/throughput.py --device cuda --bf16 --bf16-teachers --channels-last --compile   # GPU: a, b, c
     python benchmarks/throughput.py --cases a --batch 128 256 --e2e   # plus loader + step from a JPEG folder
 
 On a CPU shared with other work, pass ``--threads 1`` (or set ``OMP_WAIT_POLICY=PASSIVE``): spinning OpenMP
@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps of each first (default 2, 5 compiled)")
     p.add_argument("--block", type=int, default=None, help="steps per alternation block (default 1 CPU, 5 GPU)")
     p.add_argument("--bf16", action="store_true", help="amalgam under bf16-mixed autocast")
+    p.add_argument("--bf16-teachers", action="store_true", help="amalgam with teacher_dtype='bfloat16'")
     p.add_argument("--compile", action="store_true", help="amalgam with compile=True (student, blocks, teachers)")
     p.add_argument("--channels-last", action="store_true", help="amalgam with channels_last=True")
     p.add_argument("--without", nargs="+", default=[], choices=["small-map-conv", "fused-adam"],
@@ -87,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def module_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"compile": args.compile, "channels_last": args.channels_last,
-            "nan_check_every_n_steps": args.nan_check_every, "evaluate_teachers": False}
+            "nan_check_every_n_steps": args.nan_check_every, "evaluate_teachers": False,
+            "teacher_dtype": "bfloat16" if args.bf16_teachers else "float32"}
 
 
 def trainer(args: argparse.Namespace, steps: int, callbacks: list) -> L.Trainer:
@@ -227,7 +229,7 @@ def measure(args: argparse.Namespace, case: str, batch: int) -> dict[str, Any]:
            "ref_ms_all": [round(t, 1) for t in alternate.ref_ms],
            "amalgam_ms_all": [round(t, 1) for t in alternate.amalgam_ms],
            "max_rel_diff_fp32": rel, "steps": len(alternate.amalgam_ms) * args.block,
-           "bf16": args.bf16, "compile": args.compile, "channels_last": args.channels_last,
+           "bf16": args.bf16, "bf16_teachers": args.bf16_teachers, "compile": args.compile, "channels_last": args.channels_last,
            "without": args.without, "threads": torch.get_num_threads()}
     if args.device.type == "cuda":
         row |= {"peak_mem_gib": round(alternate.amalgam_peak, 3), "ref_peak_mem_gib": round(alternate.ref_peak, 3),

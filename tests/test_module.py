@@ -98,6 +98,29 @@ def test_teacher_is_always_eval_and_outputs_are_autograd_safe():
     assert feats.taps[0].shape[1:] == (16, 4, 4)  # ViT tokens came back as an NCHW map
 
 
+def test_bf16_teachers_hand_float32_features_close_to_float32_teachers(tmp_path, image_tree):
+    teachers, images = [teacher("a", "resnet"), teacher("b", "vit")], torch.rand(4, 3, SIZE, SIZE)
+    torch.manual_seed(0)
+    full = AmalgamationModule(teachers, student())
+    torch.manual_seed(0)
+    half = AmalgamationModule(teachers, student(), teacher_dtype="bfloat16")
+    for f, h in zip(full.teachers, half.teachers):
+        assert all(p.dtype == torch.bfloat16 for p in h.parameters())
+        expected, got = f(images), h(images)
+        assert got.logits.dtype == torch.float32 and got.taps[0].dtype == torch.float32
+        torch.testing.assert_close(got.logits, expected.logits, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(got.taps[0], expected.taps[0], rtol=0.05, atol=0.05)
+    # The whole step runs with bf16 teachers and a float32 student, outside any autocast.
+    cfg = amalgam_config(tmp_path, image_tree, teachers, student(), model_args={"teacher_dtype": "bfloat16"},
+                         trainer={"max_steps": 2, "limit_val_batches": 1, "val_check_interval": 2})
+    cli = main(["--config", str(cfg)], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert "val/a/acc" in cli.trainer.callback_metrics
+    with pytest.raises(ValueError, match="teacher_dtype must be one of"):
+        AmalgamationModule(teachers, student(), teacher_dtype="int8")
+
+
 def test_bad_tap_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown tap 'layer9'.*layer4"):
         Teacher(**teacher("a", "resnet", taps=["layer9"]))
