@@ -46,6 +46,21 @@ def stage_config(name: str, artifacts: Path, epochs: int | None, data: dict[str,
     return path
 
 
+def stale_teacher(ckpt: Path, config: Path) -> str:
+    """What differs between a saved teacher and its config (arch, classes, model_kwargs); "" if nothing.
+
+    A checkpoint left by an older version of the config would otherwise fail to load in the amalgamation.
+    """
+    if not ckpt.exists():
+        return ""
+    import torch
+
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    wanted = yaml.safe_load(config.read_text())["model"]["init_args"]
+    keys = ("arch", "classes", "model_kwargs")
+    return ", ".join(f"{k}: {saved.get(k)} != {wanted.get(k)}" for k in keys if saved.get(k) != wanted.get(k))
+
+
 def _metric(metrics: dict, key: str) -> float:
     return round(float(metrics[key]), 4)
 
@@ -67,11 +82,15 @@ def run_demo(out: str = "reports/demo", artifacts: str = DEFAULT_ARTIFACTS, teac
     for name in ("teacher_a", "teacher_b"):
         ckpt = art / f"{name}.ckpt"
         start = time.perf_counter()
-        if ckpt.exists():
+        config = stage_config(name, art, teacher_epochs, data)
+        stale = stale_teacher(ckpt, config)
+        if ckpt.exists() and not stale:
             print(f"[demo] {name}: {ckpt} exists, skipping its training (delete it to retrain)")
         else:
+            if stale:
+                print(f"[demo] {name}: {ckpt} was trained with other settings ({stale}); retraining it")
             print(f"[demo] {name}: training a specialist with labels on its own classes")
-            cli_main(["fit", "--config", str(stage_config(name, art, teacher_epochs, data)), *no_val, *quiet])
+            cli_main(["fit", "--config", str(config), *no_val, *quiet])
         seconds[name] = round(time.perf_counter() - start, 1)
 
     print("[demo] amalgamate: one student learns both tasks from unlabeled images")
