@@ -20,8 +20,8 @@ from amalgam.common_feature import CommonFeatureBlock, CommonFeatures
 from amalgam.losses import PAPER_BANDWIDTHS, MultiBandwidthMMD, ReconstructionLoss, SoftTargetKD, UnionPrior
 from amalgam.teacher import Teacher, TeacherConfig
 
-# The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy) are ours, off by default.
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy) are ours, off by default.
 DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0, "balance": 0.0, "entropy": 0.0}
 
 
