@@ -11,6 +11,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -19,6 +20,7 @@ from amalgam.checkpointing import seed_training_batch
 from amalgam.common_feature import CommonFeatureBlock, CommonFeatures
 from amalgam.losses import PAPER_BANDWIDTHS, MultiBandwidthMMD, ReconstructionLoss, SoftTargetKD, UnionPrior
 from amalgam.teacher import Teacher, TeacherConfig
+from amalgam.teacher_cache import TeacherCache
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy) are ours, off by default.
@@ -76,6 +78,10 @@ class AmalgamationModule(L.LightningModule):
         teacher_dtype: the frozen teachers' weights and forward in this dtype; their features and logits come
             back in float32. ``bfloat16`` halves the teachers' memory and weight traffic on GPUs (no
             autocast casts per step); CPUs without bf16 units run it slower than float32.
+        teacher_cache: keep the teachers' outputs for each training view seen (``amalgam.teacher_cache``), so
+            a view met again skips the teachers. ``True`` sizes it to the training set; an int caps the
+            views kept. Pays off without random augmentation (data ``padding: 0``, ``flip: false``): epochs
+            after the first then run no teacher at all.
     """
 
     def __init__(
@@ -102,6 +108,7 @@ class AmalgamationModule(L.LightningModule):
         evaluate_teachers: bool = True,
         nan_check_every_n_steps: int = 1,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        teacher_cache: bool | int = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -145,6 +152,7 @@ class AmalgamationModule(L.LightningModule):
         self.recon_loss = ReconstructionLoss()
         self.union_prior = UnionPrior()
         self._build_metrics()
+        self._teacher_cache: TeacherCache | None = None
 
     @property
     def teachers(self) -> list[Teacher]:
@@ -198,7 +206,34 @@ class AmalgamationModule(L.LightningModule):
     # The training step, in overridable hooks
 
     def teacher_outputs(self, images: Tensor) -> list[Features]:
-        return [teacher(images) for teacher in self._teachers]
+        def run(x: Tensor) -> list[Features]:
+            return [teacher(x) for teacher in self._teachers]
+
+        if not (self.hparams.teacher_cache and self.training):
+            return run(images)
+        cache = self._teacher_cache
+        if cache is None:
+            cache = self._teacher_cache = self._make_teacher_cache()
+        outputs = cache(images, run)
+        if self.global_step == 0 and self._trainer is not None:
+            rank_zero_info(f"teacher cache: up to {cache.capacity} views, {cache.nbytes() / 2 ** 20:.0f} MiB")
+        return outputs
+
+    def _make_teacher_cache(self) -> TeacherCache:
+        setting = self.hparams.teacher_cache
+        if setting is True:
+            loader = self.trainer.train_dataloader if self._trainer else None
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or not hasattr(dataset, "__len__"):
+                raise ValueError("model.teacher_cache: true needs a training set of known length to size the "
+                                 "cache; give the number of views to keep instead (e.g. teacher_cache: 60000)")
+            setting = len(dataset)
+        datamodule = self.trainer.datamodule if self._trainer else None
+        if getattr(datamodule, "padding", 0) or getattr(datamodule, "flip", False):
+            rank_zero_warn("model.teacher_cache is on but the data module crops/flips training images at random:"
+                           " views rarely repeat, so the cache will mostly miss. Set data padding: 0 and "
+                           "flip: false to let it skip the teachers after the first epoch.")
+        return TeacherCache(int(setting))
 
     def student_outputs(self, images: Tensor) -> Features:
         return self.student(images)
@@ -242,6 +277,8 @@ class AmalgamationModule(L.LightningModule):
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=True)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        if self._teacher_cache is not None:
+            self.log("train/teacher_cache_hits", self._teacher_cache.last_hit_rate, on_step=False, on_epoch=True)
         return loss
 
     def _check_finite(self, terms: dict[str, Tensor], loss: Tensor) -> None:
