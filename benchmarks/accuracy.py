@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--student-epochs", type=int, help="override the preset")
     p.add_argument("--teacher-epochs", type=int, help="override the preset")
     p.add_argument("--train-limit", type=int, help="override the preset (0 = all images)")
+    p.add_argument("--student", type=yaml.safe_load, default=None,
+                   help="YAML mapping that replaces keys of the preset's student, e.g. '{arch: "
+                        "amalgam_resnet14_nopool, model_kwargs: {channels: [16, 32, 64, 128], stem_width: 32}}'")
     p.add_argument("--work", default="artifacts/bench-accuracy", help="teacher checkpoints are cached here")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     args = p.parse_args(argv)
@@ -266,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("student_epochs", "teacher_epochs", "train_limit"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key) or None
+    if args.student:
+        preset["student"] = {**preset["student"], **args.student}
     work = Path(args.work) / args.preset
     work.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")
