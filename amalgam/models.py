@@ -3,8 +3,8 @@
 ``amalgam_<name>_nopool`` is timm's ``<name>`` without the stem max-pool: at 28-32 px a ResNet's last stage
 is then 2x2 instead of 1x1, which keeps spatial features for map taps and costs about 4x the compute.
 ``amalgam_resnet14_nopool`` is a shallower one (basic blocks 1, 1, 2, 2) that spends that resolution where it
-is cheap: the Fashion-MNIST demo's student (at channels 16-128 it trains ~1.3x faster than a slim
-ResNet-18 with the max-pool, and is more accurate there; benchmarks/RESULTS.md).
+is cheap: the Fashion-MNIST demo's student (at channels 16-128 a training step costs no more than a slim
+ResNet-18's with the max-pool, and it is more accurate there; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
