@@ -66,15 +66,24 @@ class TeacherCache:
             return self._fetch(torch.tensor(rows, device=images.device))
 
         missing = (~hit).nonzero().squeeze(1)
-        fresh = run_teachers(images if hit.sum() == 0 else images[missing.to(images.device)])
-        self._store([keys[i] for i in missing.tolist()], fresh)
         if not hit.any():
+            fresh = run_teachers(images)
+            self._store(keys, fresh)
             return fresh
-        # A mixed batch: cached rows and fresh ones, back in batch order.
-        cached = self._fetch(torch.tensor([r for r in rows if r >= 0], device=images.device))
-        order = torch.cat([hit.nonzero().squeeze(1), missing]).argsort().to(images.device)
-        return [Features([torch.cat([c, f])[order] for c, f in zip(old.taps, new.taps)],
-                         torch.cat([old.logits, new.logits])[order]) for old, new in zip(cached, fresh)]
+        device = images.device
+        fresh = run_teachers(images[missing.to(device)])
+        self._store([keys[i] for i in missing.tolist()], fresh)
+        # A mixed batch: cached rows and fresh ones, each written to its place in batch order.
+        cached = self._fetch(torch.tensor([r for r in rows if r >= 0], device=device))
+        where_hit, where_new = hit.nonzero().squeeze(1).to(device), missing.to(device)
+
+        def merge(old: Tensor, new: Tensor) -> Tensor:
+            out = new.new_empty((len(keys), *new.shape[1:]))
+            out[where_hit], out[where_new] = old, new
+            return out
+
+        return [Features([merge(c, f) for c, f in zip(old.taps, new.taps)], merge(old.logits, new.logits))
+                for old, new in zip(cached, fresh)]
 
     def _fetch(self, rows: Tensor) -> list[Features]:
         assert self.storage is not None
