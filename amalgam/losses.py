@@ -143,3 +143,38 @@ class UnionPrior(nn.Module):
             balance = math.log(p.shape[1]) + (mean_p * mean_p.clamp_min(1e-12).log()).sum()
             entropy = -(p * log_p).sum(1).mean()
             return {"balance": balance, "entropy": entropy}
+
+
+class SelfLabel(nn.Module):
+    """Self-labelling on the union head: the student's confident prediction on one view is the hard target for
+    a strongly augmented view of the same image (FixMatch, Sohn et al. 2020, with ReMixMatch's distribution
+    alignment).
+
+    The teachers cannot say which task an image belongs to; the student, which sees every task, can learn it
+    from the structure of its own features: a label that survives strong augmentation pulls the boundary
+    between look-alike classes of different teachers away from dense regions. Before thresholding, the
+    weak-view prediction is divided by the batch's mean prediction (and renormalised), so pseudo-labels stay
+    balanced over the union classes instead of feeding back whichever slice already dominates.
+
+    Args:
+        threshold: only images whose aligned pseudo-label probability reaches this count; the loss is
+            averaged over the whole batch (masked images contribute zero), as in FixMatch.
+    """
+
+    def __init__(self, threshold: float = 0.95) -> None:
+        super().__init__()
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"self-labelling threshold must be in [0, 1), got {threshold}")
+        self.threshold = threshold
+
+    def forward(self, weak_logits: Tensor, strong_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (loss, fraction of the batch above the threshold)."""
+        with torch.autocast(weak_logits.device.type, enabled=False):
+            with torch.no_grad():
+                p = F.softmax(weak_logits.detach().float(), dim=1)
+                p = p / p.mean(0, keepdim=True).clamp_min(1e-12)
+                p = p / p.sum(1, keepdim=True)
+                confidence, labels = p.max(1)
+                mask = (confidence >= self.threshold).float()
+            loss = F.cross_entropy(strong_logits.float(), labels, reduction="none")
+            return (loss * mask).mean(), mask.mean()

@@ -18,13 +18,22 @@ from torchmetrics.classification import MulticlassAccuracy
 from amalgam.backbones import Features, Tap, TappedNetwork
 from amalgam.checkpointing import seed_training_batch
 from amalgam.common_feature import CommonFeatureBlock, CommonFeatures
-from amalgam.losses import PAPER_BANDWIDTHS, MultiBandwidthMMD, ReconstructionLoss, SoftTargetKD, UnionPrior
+from amalgam.data.augment import strong_view
+from amalgam.losses import (
+    PAPER_BANDWIDTHS,
+    MultiBandwidthMMD,
+    ReconstructionLoss,
+    SelfLabel,
+    SoftTargetKD,
+    UnionPrior,
+)
 from amalgam.teacher import Teacher, TeacherConfig
 from amalgam.teacher_cache import TeacherCache
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy) are ours, off by default.
-DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0, "balance": 0.0, "entropy": 0.0}
+# The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy) and self-labelling are ours,
+# off by default.
+DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0, "balance": 0.0, "entropy": 0.0, "selflabel": 0.0}
 
 
 class StudentConfig(TypedDict):
@@ -57,7 +66,9 @@ class AmalgamationModule(L.LightningModule):
             teacher on its own slice; better task-agnostic accuracy).
         temperature: soft-target temperature (paper: 1).
         loss_weights: weights of ``kd``, ``mmd`` and ``recon`` (paper: 1, 10, 10), and of the union-prior
-            terms ``balance`` and ``entropy`` (``losses.UnionPrior``; 0 = off, the paper's method).
+            terms ``balance`` and ``entropy`` (``losses.UnionPrior``; 0 = off, the paper's method), and of
+            ``selflabel`` (``losses.SelfLabel``: the student's confident union prediction trains a strongly
+            augmented view; one more student pass per step; 0 = off).
         mmd_bandwidths: Gaussian kernel sigmas (paper: 0.001 ... 2).
         optimizer: optimizer class (``class_path`` in YAML; default Adam); it gets parameter groups carrying
             their own ``lr`` and ``weight_decay``, so set those here rather than in its init_args.
@@ -82,6 +93,7 @@ class AmalgamationModule(L.LightningModule):
             a view met again skips the teachers. ``True`` sizes it to the training set; an int caps the
             views kept. Pays off without random augmentation (data ``padding: 0``, ``flip: false``): epochs
             after the first then run no teacher at all.
+        selflabel_threshold: confidence a pseudo-label needs to count in the ``selflabel`` term.
     """
 
     def __init__(
@@ -109,6 +121,7 @@ class AmalgamationModule(L.LightningModule):
         nan_check_every_n_steps: int = 1,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         teacher_cache: bool | int = False,
+        selflabel_threshold: float = 0.95,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -151,6 +164,7 @@ class AmalgamationModule(L.LightningModule):
         self.mmd_loss = MultiBandwidthMMD(mmd_bandwidths or PAPER_BANDWIDTHS)
         self.recon_loss = ReconstructionLoss()
         self.union_prior = UnionPrior()
+        self.self_label = SelfLabel(selflabel_threshold)
         self._build_metrics()
         self._teacher_cache: TeacherCache | None = None
 
@@ -251,6 +265,12 @@ class AmalgamationModule(L.LightningModule):
             terms |= self.union_prior(student.logits)
         return terms
 
+    def self_label_term(self, images: Tensor, student: Features) -> Tensor:
+        strong = self.student_outputs(strong_view(images))
+        loss, kept = self.self_label(student.logits, strong.logits)
+        self.log("train/selflabel_kept", kept, on_step=False, on_epoch=True)
+        return loss
+
     def combine_losses(self, terms: dict[str, Tensor]) -> Tensor:
         return sum(self.loss_weights[name] * value for name, value in terms.items())
 
@@ -272,6 +292,8 @@ class AmalgamationModule(L.LightningModule):
         teachers = self.teacher_outputs(images)
         student = self.student_outputs(images)
         terms = self.loss_terms(student, teachers, self.common_features(student, teachers))
+        if self.loss_weights["selflabel"]:
+            terms["selflabel"] = self.self_label_term(images, student)
         loss = self.combine_losses(terms)
         self._check_finite(terms, loss)
         for name, value in terms.items():

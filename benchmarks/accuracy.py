@@ -34,7 +34,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amalgam import AmalgamationModule, Classifier
 from amalgam.data import FASHION_MNIST_CLASSES, FashionMNISTDataModule
-from amalgam.data.fashion_mnist import load_fashion_mnist
+from amalgam.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 from amalgam.data.in_memory import InMemoryImages
 
 SETTINGS = {"S2": {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]},
@@ -74,8 +74,9 @@ PRESETS = {
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
 METHOD_KEYS = ("kd", "temperature", "loss_weights", "mmd_bandwidths")
 METHODS = ["supervised", "kd_concat", "kd_slice", "cfl_paper", "amalgam"]
-# Ablations of the amalgam preset: each switches one of its ideas off.
+# Ablations of the amalgam preset: each switches one of its ideas off (-) or an optional one on (+).
 ABLATIONS = {
+    "amalgam+selflabel": {"selflabel": 1.0},
     "amalgam-no_cfl": {"mmd": 0.0, "recon": 0.0},
     "amalgam-no_prior": {"balance": 0.0, "entropy": 0.0},
     "amalgam-no_entropy": {"entropy": 0.0},
@@ -83,7 +84,7 @@ ABLATIONS = {
 
 
 def method_args(method: str) -> dict:
-    base = "kd_slice" if method == "supervised" else method.split("-")[0]
+    base = "kd_slice" if method == "supervised" else method.split("-")[0].split("+")[0]
     init_args = yaml.safe_load((PRESET_DIR / f"{base}.yaml").read_text())["model"]["init_args"]
     args = {k: copy.deepcopy(init_args[k]) for k in METHOD_KEYS if k in init_args}
     args["loss_weights"] = {**args.get("loss_weights", {}), **ABLATIONS.get(method, {})}
@@ -106,7 +107,7 @@ def train_teacher(setting: str, task: str, family: dict, seed: int, preset: dict
     L.seed_everything(seed, verbose=False)
     classes = [FASHION_MNIST_CLASSES[i] for i in SETTINGS[setting][task]]
     model = Classifier(classes=classes, task=task, lr=3e-3, **family)
-    data = FashionMNISTDataModule(tasks=SETTINGS[setting], supervised_task=task, batch_size=preset["batch_size"],
+    data = FashionMNISTDataModule(preset["root"], SETTINGS[setting], supervised_task=task, batch_size=preset["batch_size"],
                                   train_limit=preset["teacher_train_limit"], seed=seed)
     t = trainer(preset["teacher_epochs"], work)
     t.fit(model, datamodule=data)
@@ -126,8 +127,9 @@ def teacher_configs(setting: str, seed: int, preset: dict, work: Path) -> list[d
 def build_student(method: str, teachers: list[dict], preset: dict, seed: int) -> AmalgamationModule:
     cls = Supervised if method == "supervised" else AmalgamationModule
     L.seed_everything(seed, verbose=False)  # same student init for every method (teachers, then student)
+    # A NaN check syncs with the device; every step would stall a GPU's queue of launches.
     return cls(teachers, {**preset["student"], "taps": ["pooled"]}, lr=2e-3, evaluate_teachers=False,
-               **method_args(method))
+               nan_check_every_n_steps=100, **method_args(method))
 
 
 class Supervised(AmalgamationModule):
@@ -169,10 +171,10 @@ def balance_offsets(logits: torch.Tensor, iterations: int = 100) -> torch.Tensor
     return offset
 
 
-def evaluate(model: AmalgamationModule, setting: str, pool: torch.Tensor) -> dict:
+def evaluate(model: AmalgamationModule, setting: str, pool: torch.Tensor, root: str) -> dict:
     device = model.device
     model.eval()
-    test_x, test_y = load_fashion_mnist(FashionMNISTDataModule().root, "test")
+    test_x, test_y = load_fashion_mnist(root, "test")
     test_x = test_x[:, None].expand(-1, 3, -1, -1)
     ids = [i for t in SETTINGS[setting].values() for i in t]
     union_label = torch.full((10,), -1, dtype=torch.long)
@@ -204,14 +206,15 @@ def run_one(setting: str, method: str, seed: int, preset: dict, work: Path) -> d
     teachers = teacher_configs(setting, seed, preset, work)
     model = build_student(method, teachers, preset, seed)
     cls = UnionLabels if method == "supervised" else FashionMNISTDataModule
-    data = cls(tasks=SETTINGS[setting], batch_size=preset["batch_size"], train_limit=preset["train_limit"], seed=seed)
+    data = cls(preset["root"], SETTINGS[setting], batch_size=preset["batch_size"], train_limit=preset["train_limit"],
+               seed=seed)
     L.seed_everything(seed, verbose=False)  # same batch order and augmentations for every method
     t = trainer(preset["student_epochs"], work)
     start = time.perf_counter()
     t.fit(model, datamodule=data)
     data.setup("fit")
     pool = data.train_set.images[:10000].expand(-1, 3, -1, -1)  # unlabeled images, for balancing only
-    result = evaluate(model.to(t.strategy.root_device), setting, pool)
+    result = evaluate(model.to(t.strategy.root_device), setting, pool, preset["root"])
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -249,6 +252,23 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def summarize(runs: list[dict]) -> dict:
+    """Per-run results (each with "setting", "method", "seed") -> the accuracy.json contract, settings and methods
+    in the order first met."""
+    results: dict = {}
+    for setting in dict.fromkeys(r["setting"] for r in runs):
+        mine = [r for r in runs if r["setting"] == setting]
+        methods = dict.fromkeys(r["method"] for r in mine)
+        # Teachers are shared by every method of a seed: average them over seeds, once per seed.
+        per_seed = list({r["seed"]: r for r in mine}.values())
+        results[setting] = {
+            "teachers": {t: statistics.fmean(r["teachers"][t] for r in per_seed) for t in per_seed[0]["teachers"]},
+            "teachers_concat": statistics.fmean(r["teachers_concat"] for r in per_seed),
+            **{m: aggregate([r for r in mine if r["method"] == m]) for m in methods},
+        }
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
@@ -259,14 +279,43 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--student-epochs", type=int, help="override the preset")
     p.add_argument("--teacher-epochs", type=int, help="override the preset")
     p.add_argument("--train-limit", type=int, help="override the preset (0 = all images)")
+    p.add_argument("--teacher-train-limit", type=int, help="override the preset (0 = all images)")
     p.add_argument("--student", type=yaml.safe_load, default=None,
                    help="YAML mapping that replaces keys of the preset's student, e.g. '{arch: "
                         "amalgam_resnet14_nopool, model_kwargs: {channels: [16, 32, 64, 128], stem_width: 32}}'")
+    p.add_argument("--data-root", default=DEFAULT_ROOT, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--work", default="artifacts/bench-accuracy", help="teacher checkpoints are cached here")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
+    p.add_argument("--runs-log", help="append each finished run to this JSON-lines file as it ends, so a run "
+                                      "that is stopped midway keeps what it finished")
+    p.add_argument("--from-runs", nargs="+", metavar="JSONL",
+                   help="train nothing: summarise runs logged by --runs-log (several machines or processes)")
     args = p.parse_args(argv)
-    preset = dict(PRESETS[args.preset])
-    for key in ("student_epochs", "teacher_epochs", "train_limit"):
+    command = " ".join(["python benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+    start = time.perf_counter()
+    if args.from_runs:
+        runs = [json.loads(line) for f in args.from_runs for line in Path(f).read_text().splitlines() if line]
+        meta = {k: runs[0].get(k) for k in ("preset", "device", "torch")}
+        meta["seeds"] = sorted({r["seed"] for r in runs})
+        meta["seconds"] = round(sum(r["seconds"] for r in runs))  # summed over runs, not wall time
+    else:
+        runs = run_grid(args)
+        meta = {k: runs[0][k] for k in ("preset", "device", "torch")} if runs else {}
+        meta["seeds"] = args.seeds
+        meta["seconds"] = round(time.perf_counter() - start)
+    results = summarize(runs)
+    results["_meta"] = {**meta, "command": command}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(table({k: v for k, v in results.items() if not k.startswith("_")}))
+    print(f"\nwrote {out} ({results['_meta']['seconds']} s of runs)")
+    return results
+
+
+def run_grid(args: argparse.Namespace) -> list[dict]:
+    preset = dict(PRESETS[args.preset], root=args.data_root)
+    for key in ("student_epochs", "teacher_epochs", "train_limit", "teacher_train_limit"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key) or None
     if args.student:
@@ -274,34 +323,22 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work) / args.preset
     work.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")
-
-    start = time.perf_counter()
-    results: dict = {}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    runs = []
     for setting in args.settings:
-        per_method: dict[str, list[dict]] = {m: [] for m in args.methods}
-        teachers_acc: list[dict] = []
         for seed in args.seeds:
             for method in args.methods:
                 r = run_one(setting, method, seed, preset, work)
-                per_method[method].append(r)
+                r |= {"setting": setting, "method": method, "seed": seed, "preset": args.preset,
+                      "device": device, "torch": torch.__version__}
+                runs.append(r)
                 print(f"[accuracy] {setting} seed {seed} {method}: tasks {r['tasks']} all {r['acc_all']:.4f} "
                       f"union {r['acc_union']:.4f} balanced {r['acc_union_balanced']:.4f} ({r['seconds']} s)",
                       flush=True)
-            teachers_acc.append(r)
-        results[setting] = {
-            "teachers": {t: statistics.fmean(r["teachers"][t] for r in teachers_acc) for t in teachers_acc[0]["teachers"]},
-            "teachers_concat": statistics.fmean(r["teachers_concat"] for r in teachers_acc),
-            **{m: aggregate(runs) for m, runs in per_method.items()},
-        }
-    results["_meta"] = {"preset": args.preset, "seeds": args.seeds, "seconds": round(time.perf_counter() - start),
-                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                        "torch": torch.__version__, "command": " ".join(["python benchmarks/accuracy.py", *(argv or sys.argv[1:])])}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(table({k: v for k, v in results.items() if not k.startswith("_")}))
-    print(f"\nwrote {out} in {results['_meta']['seconds']} s")
-    return results
+                if args.runs_log:
+                    with open(args.runs_log, "a") as f:  # one short append per line: safe across processes
+                        f.write(json.dumps(r) + "\n")
+    return runs
 
 
 if __name__ == "__main__":

@@ -74,3 +74,20 @@ def random_crop_flip(
         return images
     offsets, flips = sample_crop_flip(images.shape[0], padding, flip, generator, images.device)
     return crop_flip(images, offsets, flips, padding)
+
+
+def strong_view(images: Tensor, shift: int = 4, cutout: float = 0.5) -> Tensor:
+    """A strongly augmented copy of float images [B, C, H, W]: a random shift of up to `shift` pixels, a
+    random left-right flip, and one zeroed square of side `cutout` x H at a random centre (it may overhang the
+    border). Draws from torch's global RNG on the images' device, which the training loop seeds per batch."""
+    batch, _, height, width = images.shape
+    offsets, flips = sample_crop_flip(batch, shift, True, device=images.device)
+    out = crop_flip(images, offsets, flips, shift)
+    half_h, half_w = max(1, round(cutout * height)) // 2, max(1, round(cutout * width)) // 2
+    centre = torch.stack([torch.randint(0, n, (batch,), device=images.device) for n in (height, width)], 1)
+    rows = torch.arange(height, device=images.device)
+    cols = torch.arange(width, device=images.device)
+    in_rows = (rows[None] - centre[:, :1]).abs() <= half_h
+    in_cols = (cols[None] - centre[:, 1:]).abs() <= half_w
+    hole = in_rows[:, :, None] & in_cols[:, None, :]  # [B, H, W]
+    return out.masked_fill(hole[:, None], 0.0)
