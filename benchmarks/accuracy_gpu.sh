@@ -26,4 +26,9 @@ for setting in ${SETTINGS:-S2 S3}; do
   done
 done
 wait
-"$python" "$here/accuracy.py" --from-runs "$out/runs.jsonl" --out "$out/accuracy.json"
+if [ -s "$out/runs.jsonl" ]; then
+  "$python" "$here/accuracy.py" --from-runs "$out/runs.jsonl" --out "$out/accuracy.json"
+else
+  echo "no run finished within ${deadline} s: see $out/log-*.txt" >&2
+  exit 1
+fi

@@ -23,7 +23,7 @@ from amalgam.data import (
     random_crop_flip,
     scan_images,
 )
-from amalgam.data.augment import crop_flip, sample_crop_flip, to_float
+from amalgam.data.augment import crop_flip, sample_crop_flip, strong_view, to_float
 from amalgam.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 from amalgam.data.idx import read_idx
 from amalgam.data.image_files import BadImageError, SkipCounted, decode_rgb, load_image
@@ -503,3 +503,85 @@ def test_lightning_fit_on_image_folders(tmp_path):
     assert dm.skipped_total == len(BAD_FILES)
     ((index, (images, labels)),) = probe.val_batches
     assert index == 0 and images.shape == (5, 3, 12, 12) and labels.tolist() == [0, 0, 0, 1, 1]
+
+
+# ---------------------------------------------------------------- strong view (self-labelling)
+
+def hole_side(size: int, cutout: float) -> int:
+    """The widest the zeroed square may be along a side of `size` pixels: 2 * half + 1."""
+    return 2 * (max(1, round(cutout * size)) // 2) + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_strong_view_keeps_shape_dtype_device_and_input(dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    images = torch.rand(6, 3, 12, 10, dtype=dtype, device=device)
+    before = images.clone()
+    torch.manual_seed(0)
+    out = strong_view(images)
+    assert out.shape == images.shape and out.dtype == dtype and out.device == images.device
+    assert torch.equal(images, before), "strong_view changed its input in place"
+    assert not torch.equal(out, images)
+
+
+@pytest.mark.parametrize(("size", "cutout"), [(16, 0.5), (32, 0.5), (20, 0.25)])
+def test_strong_view_without_shift_zeroes_one_square_hole_per_image(size, cutout):
+    # No shift: the crop is the image itself and a flip leaves all-ones unchanged, so every zero is the hole.
+    ones = torch.ones(32, 3, size, size)
+    torch.manual_seed(1)
+    out = strong_view(ones, shift=0, cutout=cutout)
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+    hole = out == 0
+    assert torch.equal(hole, hole[:, :1].expand_as(hole)), "the hole differs between channels"
+    hole = hole[:, 0]
+    side = hole_side(size, cutout)
+    for mask in hole:
+        rows, cols = mask.any(1), mask.any(0)
+        assert mask.any(), "an image came back without a hole"
+        assert torch.equal(mask, rows[:, None] & cols[None, :]), "the hole is not one axis-aligned rectangle"
+        assert rows.sum() <= side and cols.sum() <= side
+        assert mask.sum() <= (cutout * size + 1) ** 2
+    # Holes at a random centre: they do not all sit at the same place, and some are whole squares.
+    assert len({mask.numpy().tobytes() for mask in hole}) > 10
+    assert (hole.flatten(1).sum(1) == side * side).any()
+
+
+@pytest.mark.parametrize(("shift", "cutout"), [(4, 0.5), (2, 0.25)])
+def test_strong_view_leaves_most_of_the_image_intact(shift, cutout):
+    size = 32
+    ones = torch.ones(64, 3, size, size)
+    torch.manual_seed(2)
+    zeros = (strong_view(ones, shift=shift, cutout=cutout) == 0).flatten(1).sum(1) / 3  # per image, per channel
+    bound = hole_side(size, cutout) ** 2 + 2 * shift * size  # the hole plus the shifted-in border
+    assert (zeros >= 1).all(), "an all-ones image came back without a zeroed pixel"
+    assert (zeros <= bound).all() and bound < size * size * 0.6
+    assert zeros.float().mean() < 0.5 * size * size
+
+
+def test_strong_view_is_a_crop_flip_with_a_hole():
+    # Strictly positive content: the only zeros come from the zero padding of the shift or from the hole.
+    images = torch.rand(16, 3, 20, 20) + 0.1
+    torch.manual_seed(3)
+    out = strong_view(images, shift=3, cutout=0.5)
+    torch.manual_seed(3)  # strong_view draws its shift and flip first, then the hole
+    offsets, flips = sample_crop_flip(16, 3, True, device="cpu")
+    assert 0 < flips.sum() < 16 and offsets.unique(dim=0).shape[0] > 1
+    shifted = crop_flip(images, offsets, flips, 3)
+    assert ((out == shifted) | (out == 0)).all(), "strong_view changed pixels other than zeroing some"
+    hole = (out != shifted).any(1)
+    per_image = hole.flatten(1).sum(1)
+    assert (per_image >= 1).all() and (per_image <= hole_side(20, 0.5) ** 2).all()
+
+
+def test_strong_view_reproduces_under_a_seed_and_differs_between_draws():
+    images = torch.rand(8, 3, 16, 16)
+    torch.manual_seed(4)
+    first = strong_view(images)
+    second = strong_view(images)
+    torch.manual_seed(4)
+    again = strong_view(images)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)
+    # Each sample draws its own shift, flip and hole: one image repeated gives different views.
+    repeated = strong_view(images[:1].expand(32, -1, -1, -1))
+    assert len({view.numpy().tobytes() for view in repeated}) > 10

@@ -1,12 +1,15 @@
 """Losses against naive float64 references."""
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SIZE, student, teacher
 
-from amalgam.losses import PAPER_BANDWIDTHS, MultiBandwidthMMD, ReconstructionLoss, SoftTargetKD
+from amalgam import AmalgamationModule
+from amalgam.losses import PAPER_BANDWIDTHS, MultiBandwidthMMD, ReconstructionLoss, SelfLabel, SoftTargetKD
 
 
 def naive_mmd2(x, y, sigmas):
@@ -132,3 +135,214 @@ def test_union_prior_terms_match_definitions():
     # All images on one class: the balance term is log K minus zero.
     collapsed = torch.tensor([[50.0, 0, 0, 0]]).repeat(4, 1)
     assert UnionPrior()(collapsed)["balance"].item() == pytest.approx(math.log(4), rel=1e-4)
+
+
+# ---------------------------------------------------------------- self-labelling
+
+
+def naive_self_label(weak, strong, threshold):
+    """FixMatch with distribution alignment, one sample at a time, float64: (loss, kept fraction, labels, mask)."""
+    probs = [row.double().softmax(0) for row in weak]
+    mean = sum(probs) / len(probs)
+    total, labels, mask = 0.0, [], []
+    for p, s in zip(probs, strong):
+        aligned = p / mean
+        aligned = aligned / aligned.sum()
+        label = int(aligned.argmax())
+        keep = aligned[label].item() >= threshold
+        if keep:
+            total += -s.double().log_softmax(0)[label].item()
+        labels.append(label)
+        mask.append(keep)
+    return total / len(probs), sum(mask) / len(mask), torch.tensor(labels), torch.tensor(mask)
+
+
+def pseudo_labels(weak, threshold=0.0):
+    """The labels and mask SelfLabel used, read off the gradient at zero strong logits: row i's gradient is
+    (1/K - onehot(label_i)) / B where kept, zero where masked."""
+    strong = torch.zeros(weak.shape, requires_grad=True)
+    loss, _ = SelfLabel(threshold)(weak, strong)
+    loss.backward()
+    return strong.grad.argmin(1), strong.grad.abs().sum(1) > 0
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 0.9])
+def test_self_label_matches_a_per_sample_reference(threshold):
+    g = torch.Generator().manual_seed(6)
+    weak, strong = torch.randn(16, 5, generator=g) * 3, torch.randn(16, 5, generator=g) * 2
+    loss, kept = SelfLabel(threshold)(weak, strong)
+    expected, expected_kept, labels, mask = naive_self_label(weak, strong, threshold)
+    assert loss.dtype == torch.float32 and loss.shape == kept.shape == ()
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert kept.item() == pytest.approx(expected_kept)
+    got_labels, got_mask = pseudo_labels(weak, threshold)
+    assert torch.equal(got_mask, mask)
+    assert torch.equal(got_labels[mask], labels[mask])
+    if threshold == 0.0:  # every row counts: the plain mean cross-entropy against the aligned labels
+        assert kept.item() == 1.0 and mask.all()
+        assert loss.item() == pytest.approx(F.cross_entropy(strong, labels).item(), rel=1e-5)
+    if threshold == 0.5:  # the fixture really splits the batch
+        assert 0.0 < kept.item() < 1.0
+
+
+def test_self_label_masked_rows_count_in_the_mean_as_zero():
+    g = torch.Generator().manual_seed(7)
+    weak, strong = torch.randn(12, 4, generator=g) * 3, torch.randn(12, 4, generator=g)
+    _, _, labels, mask = naive_self_label(weak, strong, 0.6)
+    assert 0 < mask.sum() < len(mask)
+    per_row = F.cross_entropy(strong, labels, reduction="none")
+    loss, kept = SelfLabel(0.6)(weak, strong)
+    # Averaged over the whole batch (FixMatch), not over the kept rows only.
+    assert loss.item() == pytest.approx((per_row * mask).sum().item() / len(mask), rel=1e-5)
+    assert loss.item() != pytest.approx(per_row[mask].mean().item(), rel=1e-3)
+    assert kept.item() == pytest.approx(mask.float().mean().item())
+    # Nothing confident enough: zero loss, nothing kept, and still a graph to backpropagate.
+    flat = torch.zeros(12, 4)
+    flat[:, 0] = torch.linspace(0, 0.01, 12)
+    strong.requires_grad_(True)
+    loss, kept = SelfLabel(0.9)(flat, strong)
+    assert loss.item() == 0.0 and kept.item() == 0.0 and loss.requires_grad
+
+
+def test_self_label_gradient_reaches_strong_logits_only():
+    g = torch.Generator().manual_seed(8)
+    weak = (torch.randn(8, 6, generator=g) * 3).requires_grad_(True)
+    strong = torch.randn(8, 6, generator=g).requires_grad_(True)
+    loss, kept = SelfLabel(0.0)(weak, strong)
+    loss.backward()
+    assert weak.grad is None, "the pseudo-label side must not be trained"
+    assert strong.grad is not None and strong.grad.abs().sum() > 0
+    assert not kept.requires_grad
+    # The same tensor on both sides (as when views coincide): gradient only through the strong path.
+    shared = (torch.randn(8, 6, generator=g) * 3).requires_grad_(True)
+    SelfLabel(0.0)(shared, shared)[0].backward()
+    expected = shared.detach().clone().requires_grad_(True)
+    labels = naive_self_label(shared.detach(), shared.detach(), 0.0)[2]
+    F.cross_entropy(expected, labels).backward()
+    torch.testing.assert_close(shared.grad, expected.grad)
+
+
+def test_self_label_alignment_removes_a_batch_wide_skew():
+    # Every row gives class 0 the same probability and spreads the rest as a permutation of the same logits;
+    # adding a constant to class 0 then scales each row's probabilities alike, which the division by the
+    # batch mean undoes exactly.
+    perms = torch.tensor([[2.0, 0.5, -1.0], [2.0, -1.0, 0.5], [0.5, 2.0, -1.0],
+                          [-1.0, 2.0, 0.5], [0.5, -1.0, 2.0], [-1.0, 0.5, 2.0]])
+    weak = torch.cat([torch.zeros(6, 1), perms], 1)
+    skewed = weak + torch.tensor([5.0, 0.0, 0.0, 0.0])
+    assert (skewed.argmax(1) == 0).all() and not (weak.argmax(1) == 0).any()  # the skew wins a plain argmax
+    labels, mask = pseudo_labels(weak)
+    skewed_labels, skewed_mask = pseudo_labels(skewed)
+    assert mask.all() and skewed_mask.all()
+    assert torch.equal(labels, weak.argmax(1)) and torch.equal(skewed_labels, labels)
+    assert not (skewed_labels == 0).any()
+    strong = torch.randn(6, 4, generator=torch.Generator().manual_seed(9))
+    for threshold in (0.0, 0.4, 0.6):
+        loss, kept = SelfLabel(threshold)(weak, strong)
+        skewed_loss, skewed_kept = SelfLabel(threshold)(skewed, strong)
+        assert skewed_loss.item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+        assert skewed_kept.item() == kept.item()
+    # Random rows under a strong skew: a plain argmax labels almost everything class 0, the aligned labels
+    # still use every class.
+    z = torch.randn(64, 4, generator=torch.Generator().manual_seed(10)) * 2 + torch.tensor([5.0, 0, 0, 0])
+    assert (z.argmax(1) == 0).float().mean() > 0.8
+    counts = pseudo_labels(z)[0].bincount(minlength=4)
+    assert (counts > 0).all() and counts[0] < 0.8 * len(z)
+
+
+def test_self_label_is_float32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(11)
+    weak, strong = torch.randn(8, 5, generator=g) * 3, torch.randn(8, 5, generator=g)
+    ref, ref_kept = SelfLabel(0.5)(weak, strong)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, kept = SelfLabel(0.5)(weak.bfloat16(), strong.bfloat16())
+    assert loss.dtype == torch.float32 and kept.item() == ref_kept.item()
+    assert loss.item() == pytest.approx(ref.item(), rel=0.05)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.0, 1.5, float("nan")])
+def test_self_label_threshold_outside_unit_interval_is_refused(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        SelfLabel(threshold)
+
+
+def test_self_label_threshold_edges_are_accepted():
+    assert SelfLabel(0.0).threshold == 0.0 and SelfLabel(0.999).threshold == 0.999
+    assert SelfLabel().threshold == 0.95
+
+
+# ---------------------------------------------------------------- self-labelling in the training step
+
+
+def tiny_module(**args):
+    torch.manual_seed(0)
+    return AmalgamationModule([teacher("a", "resnet", tap="vector"), teacher("b", "resnet", tap="vector")],
+                              student(tap="vector"), block_width=8, block_depth=1, **args)
+
+
+def watch_step(module, images):
+    """Runs one training step outside a Trainer; returns the loss, the terms it combined and the inputs of
+    every student pass."""
+    seen, passes = {}, []
+    student_outputs, combine = module.student_outputs, module.combine_losses
+
+    def counted(x):
+        passes.append(x)
+        out = student_outputs(x)
+        seen.setdefault("outputs", []).append(out)
+        return out
+
+    def recorded(terms):
+        seen["terms"] = dict(terms)
+        return combine(terms)
+
+    module.student_outputs, module.combine_losses = counted, recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # training_step's self.log outside a Trainer
+        loss = module.training_step(images, 0)
+    return loss, seen, passes
+
+
+def test_selflabel_weight_adds_a_term_trained_through_a_strong_view():
+    module = tiny_module(loss_weights={"selflabel": 1.0}, selflabel_threshold=0.0)
+    assert module.self_label.threshold == 0.0 and module.loss_weights["selflabel"] == 1.0
+    images = torch.rand(8, 3, SIZE, SIZE)
+    torch.manual_seed(1)
+    loss, seen, passes = watch_step(module.train(), images)
+    terms = seen["terms"]
+    assert "selflabel" in terms and {"kd", "mmd", "recon"} <= set(terms)
+    assert len(passes) == 2 and passes[0] is images
+    strong = passes[1]
+    assert strong.shape == images.shape and not torch.equal(strong, images)
+    assert ((strong == 0).flatten(1).sum(1) > 0).all(), "the second pass is not the strong (cut-out) view"
+    # The term is SelfLabel on (first pass, second pass), with threshold 0: every image counts, so it is > 0.
+    weak_out, strong_out = seen["outputs"]
+    expected, kept = SelfLabel(0.0)(weak_out.logits.detach(), strong_out.logits.detach())
+    assert kept.item() == 1.0 and terms["selflabel"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["selflabel"].item() > 0
+    total = sum(module.loss_weights[name] * value for name, value in terms.items())
+    assert loss.item() == pytest.approx(total.item(), rel=1e-5)
+    # The self-labelling term alone trains the student (backbone and head).
+    terms["selflabel"].backward()
+    grads = [p.grad for p in module.student.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    head = module.student.model.get_classifier().weight
+    assert head.grad.abs().sum() > 0
+
+
+def test_selflabel_off_by_default_costs_no_extra_student_pass():
+    module = tiny_module()
+    assert module.loss_weights["selflabel"] == 0
+    _, seen, passes = watch_step(module.train(), torch.rand(8, 3, SIZE, SIZE))
+    assert len(passes) == 1 and "selflabel" not in seen["terms"]
+    assert set(seen["terms"]) == {"kd", "mmd", "recon"}
+    # Switched on, the same module config pays exactly one more pass.
+    module = tiny_module(loss_weights={"selflabel": 0.5})
+    assert module.self_label.threshold == 0.95
+    _, seen, passes = watch_step(module.train(), torch.rand(8, 3, SIZE, SIZE))
+    assert len(passes) == 2 and "selflabel" in seen["terms"]
+
+
+def test_selflabel_threshold_is_checked_when_the_module_is_built():
+    with pytest.raises(ValueError, match="threshold"):
+        tiny_module(loss_weights={"selflabel": 1.0}, selflabel_threshold=1.0)

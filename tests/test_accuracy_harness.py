@@ -1,0 +1,45 @@
+"""The accuracy harness's bookkeeping: per-run lines -> the accuracy.json contract (no training)."""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accuracy
+
+
+def run(setting, method, seed, a, b, union, teacher_a):
+    return {"setting": setting, "method": method, "seed": seed, "tasks": {"a": a, "b": b}, "acc_all": (a + b) / 2,
+            "acc_union": union, "acc_union_balanced": union + 0.01, "teachers": {"a": teacher_a, "b": 0.9},
+            "teachers_concat": 0.7, "seconds": 10.0, "preset": "gpu", "device": "X", "torch": "2"}
+
+
+RUNS = [run("S2", "amalgam", 0, 0.90, 0.92, 0.80, 0.91), run("S2", "kd_slice", 0, 0.91, 0.93, 0.70, 0.91),
+        run("S2", "amalgam", 1, 0.88, 0.94, 0.84, 0.95), run("S2", "kd_slice", 1, 0.89, 0.95, 0.72, 0.95)]
+
+
+def test_summarize_means_and_stds_per_method_and_teachers_once_per_seed():
+    results = accuracy.summarize(RUNS)
+    assert list(results) == ["S2"] and list(results["S2"])[2:] == ["amalgam", "kd_slice"]
+    amalgam = results["S2"]["amalgam"]
+    assert amalgam["tasks"]["a"] == pytest.approx(0.89) and amalgam["acc_union"] == pytest.approx(0.82)
+    assert amalgam["std"]["acc_union"] == pytest.approx(statistics.stdev([0.80, 0.84]))
+    assert amalgam["acc_union_balanced"] == pytest.approx(0.83) and amalgam["seeds"] == 2
+    # Two methods per seed share one set of teachers: each seed's teachers count once.
+    assert results["S2"]["teachers"] == {"a": pytest.approx(0.93), "b": pytest.approx(0.9)}
+
+
+def test_from_runs_writes_the_contract_from_json_lines(tmp_path):
+    lines = tmp_path / "runs.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in RUNS[:2]))
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(json.dumps(r) + "\n" for r in RUNS[2:]) + "\n")  # a blank line is skipped
+    out = tmp_path / "accuracy.json"
+    accuracy.main(["--from-runs", str(lines), str(more), "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["S2"]["kd_slice"]["acc_union"] == pytest.approx(0.71)
+    assert written["_meta"]["seeds"] == [0, 1] and written["_meta"]["device"] == "X"
+    assert written["_meta"]["command"].endswith(f"--out {out}")
