@@ -7,7 +7,7 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test test-all lint bench-throughput bench-accuracy clean
+.PHONY: setup demo test test-all lint bench-throughput bench-accuracy bench-accuracy-gpu clean
 
 setup: $(VENV)/.installed $(FASHION)
 
@@ -40,6 +40,10 @@ bench-throughput: setup
 
 bench-accuracy: setup
 	$(PY) benchmarks/accuracy.py
+
+# The GPU preset's grid, one process per (setting, seed) on one GPU; results in reports/accuracy-gpu/.
+bench-accuracy-gpu: setup
+	PYTHON=$(PY) bash benchmarks/accuracy_gpu.sh reports/accuracy-gpu
 
 clean:
 	rm -rf artifacts reports lightning_logs

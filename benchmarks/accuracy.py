@@ -3,6 +3,8 @@
     python benchmarks/accuracy.py                      # CPU preset: slim models, short schedule (~1 h, 2 cores)
     python benchmarks/accuracy.py --preset gpu         # the full schedule (resnet18 student, 30 epochs)
     python benchmarks/accuracy.py --settings S2 --seeds 0 --methods kd_slice amalgam   # a slice of the grid
+    bash benchmarks/accuracy_gpu.sh OUT_DIR                 # the GPU grid, one process per (setting, seed)
+    python benchmarks/accuracy.py --from-runs OUT_DIR/runs.jsonl   # summarise runs logged by --runs-log
 
 Settings: S2 = tasks {0-4}, {5-9}; S3 = {0-3}, {4-6}, {7-9}. Teachers of different families are trained once per
 setting and seed, with labels on their own task only (cached under --work). Every student method starts from
@@ -91,8 +93,26 @@ def method_args(method: str) -> dict:
     return args
 
 
+class EpochClock(L.Callback):
+    """Prints each training epoch's wall time and images/s, so a log shows where a run's time went."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start, self.images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.images += len(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.start
+        print(f"[accuracy] {type(pl_module).__name__} epoch {trainer.current_epoch}: {seconds:.1f} s, "
+              f"{self.images / seconds:.0f} img/s", flush=True)
+
+
 def trainer(epochs: int, root: Path) -> L.Trainer:
     return L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                     callbacks=[EpochClock()],
                      enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
                      num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(root),
                      precision="bf16-mixed" if torch.cuda.is_available() else "32-true")

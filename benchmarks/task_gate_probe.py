@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{union_accuracy(mass.argmax(1)):.4f} (raw argmax {(student.argmax(1) == y).float().mean():.4f})")
     for name, per_teacher in gates.items():
         g = torch.stack(per_teacher, 1)
+        student_right, gate_right = mass.argmax(1) == true_task, g.argmax(1) == true_task
+        print(f"gate, {name}: share of images given the wrong task by both {(~student_right & ~gate_right).float().mean():.4f}, "
+              f"by the student alone {(~student_right & gate_right).float().mean():.4f}, "
+              f"by the gate alone {(student_right & ~gate_right).float().mean():.4f}")
         print(f"gate, {name:12s}                {(g.argmax(1) == true_task).float().mean():.4f} / "
               f"{union_accuracy(g.argmax(1)):.4f}")
         for weight in (1.0, 4.0):
