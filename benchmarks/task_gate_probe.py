@@ -12,6 +12,11 @@ task. Ranks are only compared inside one teacher and one class, so teachers of d
 be calibrated against each other. The probe trains the `amalgam` student of benchmarks/accuracy.py on the same
 seed and prints, on the test images: task accuracy and task-agnostic accuracy of the gate, of the student, and
 of the student's slice masses combined with the gate.
+
+It also tries clustering instead of ranking: k-means with one cluster per union class on the pool, in the
+teachers' joint pooled features, in the student's pooled features and in the common feature space (the
+student's side of the first common-feature block), each cluster then matched one-to-one to a union class by
+how often that class's teacher predicts it inside the cluster (Hungarian assignment).
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy as A  # the harness: its teachers, student and data
@@ -65,6 +74,25 @@ def mahalanobis_scores(pool_feats, pool_logits, feats, logits, expected_per_clas
     return score(pool_feats, pool_labels), score(feats, labels)
 
 
+def cluster_accuracy(pool_feats: torch.Tensor, test_feats: torch.Tensor, teacher_pool_logits: list[torch.Tensor],
+                     slices: list[tuple[int, int]], test_y: torch.Tensor, seed: int) -> float:
+    """Task-agnostic test accuracy of k-means clusters (one per union class) matched one-to-one to classes."""
+    classes = slices[-1][1]
+    kmeans = KMeans(classes, n_init=4, random_state=seed).fit(pool_feats.numpy())
+    pool_cluster, test_cluster = kmeans.labels_, kmeans.predict(test_feats.numpy())
+    agreement = np.zeros((classes, classes))  # [cluster, class]: share the class's teacher labels that class
+    for (a, b), logits in zip(slices, teacher_pool_logits):
+        predicted = logits.argmax(1).numpy()
+        for c in range(classes):
+            inside = predicted[pool_cluster == c]
+            if len(inside):
+                agreement[c, a:b] = np.bincount(inside, minlength=b - a) / len(inside)
+    clusters, matched = linear_sum_assignment(-agreement)
+    class_of = np.empty(classes, dtype=int)
+    class_of[clusters] = matched
+    return (torch.from_numpy(class_of[test_cluster]) == test_y).float().mean().item()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", default="S2", choices=list(A.SETTINGS))
@@ -98,7 +126,17 @@ def main(argv: list[str] | None = None) -> None:
         out = t(x)
         return torch.cat([out.logits, out.taps[0].flatten(1)], 1)
 
-    student = A.logits_of(model, test, device)
+    def student_views(x):  # union logits, pooled features, common-space features of the student
+        out = model.student(x)
+        teachers_out = [t(x) for t in model.teachers]
+        common = model.blocks[0](out.taps[0], [t.taps[0] for t in teachers_out]).student
+        return torch.cat([out.logits, out.taps[0].flatten(1), common.flatten(1)], 1)
+
+    k_all = model.num_classes
+    pool_student, test_student = (A.logits_of(student_views, x, device) for x in (pool, test))
+    student = test_student[:, :k_all]
+    width = model.student.tap_shapes()[0][0]
+    teacher_pool_logits, teacher_pool_feats, teacher_test_feats = [], [], []
     task_of = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(model.slices)])
     true_task = task_of[y]
     expected = args.pool / len(ids)
@@ -108,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
         pool_out = A.logits_of(lambda x, t=t: logits_and_features(t, x), pool, device)
         test_out = A.logits_of(lambda x, t=t: logits_and_features(t, x), test, device)
         pool_logits, test_logits = pool_out[:, :k], test_out[:, :k]
+        teacher_pool_logits.append(pool_logits)
+        teacher_pool_feats.append(F.normalize(pool_out[:, k:], dim=1))
+        teacher_test_feats.append(F.normalize(test_out[:, k:], dim=1))
         pool_labels, test_labels = pool_logits.argmax(1), test_logits.argmax(1)
         gates["top logit"].append(gate_scores(pool_logits.max(1).values, pool_labels, test_logits.max(1).values,
                                               test_labels, k, expected))
@@ -135,6 +176,14 @@ def main(argv: list[str] | None = None) -> None:
             task = (mass.clamp_min(1e-9).log() + weight * g).argmax(1)
             print(f"student + {weight:g} x gate ({name:12s})  {(task == true_task).float().mean():.4f} / "
                   f"{union_accuracy(task):.4f}")
+
+    spaces = {"teachers' joint pooled features": (torch.cat(teacher_pool_feats, 1), torch.cat(teacher_test_feats, 1)),
+              "student's pooled features": (pool_student[:, k_all:k_all + width], test_student[:, k_all:k_all + width]),
+              "common feature space": (pool_student[:, k_all + width:], test_student[:, k_all + width:])}
+    for name, (pool_feats, test_feats) in spaces.items():
+        acc = cluster_accuracy(F.normalize(pool_feats, dim=1), F.normalize(test_feats, dim=1), teacher_pool_logits,
+                               model.slices, y, args.seed)
+        print(f"k-means, {name}: task-agnostic {acc:.4f}")
 
 
 if __name__ == "__main__":
