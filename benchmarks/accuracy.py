@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py                      # CPU preset: slim models, short schedule (~1 h, 2 cores)
     python benchmarks/accuracy.py --preset gpu         # the full schedule (resnet18 student, 30 epochs)
     python benchmarks/accuracy.py --settings S2 --seeds 0 --methods kd_slice amalgam   # a slice of the grid
+    python benchmarks/accuracy.py --methods amalgam --loss-weights '{entropy: 0.3}'   # one weight changed
     bash benchmarks/accuracy_gpu.sh OUT_DIR                 # the GPU grid, one process per (setting, seed)
     python benchmarks/accuracy.py --from-runs OUT_DIR/runs.jsonl   # summarise runs logged by --runs-log
 
@@ -145,11 +146,13 @@ def teacher_configs(setting: str, seed: int, preset: dict, work: Path) -> list[d
 
 
 def build_student(method: str, teachers: list[dict], preset: dict, seed: int) -> AmalgamationModule:
+    args = method_args(method)
+    args["loss_weights"] |= preset.get("loss_weights", {})
     cls = Supervised if method == "supervised" else AmalgamationModule
     L.seed_everything(seed, verbose=False)  # same student init for every method (teachers, then student)
     # A NaN check syncs with the device; every step would stall a GPU's queue of launches.
     return cls(teachers, {**preset["student"], "taps": ["pooled"]}, lr=2e-3, evaluate_teachers=False,
-               nan_check_every_n_steps=100, **method_args(method))
+               nan_check_every_n_steps=100, **args)
 
 
 class Supervised(AmalgamationModule):
@@ -303,6 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--student", type=yaml.safe_load, default=None,
                    help="YAML mapping that replaces keys of the preset's student, e.g. '{arch: "
                         "amalgam_resnet14_nopool, model_kwargs: {channels: [16, 32, 64, 128], stem_width: 32}}'")
+    p.add_argument("--loss-weights", type=yaml.safe_load, default=None,
+                   help="YAML mapping that replaces loss weights of every method, e.g. '{entropy: 0.3}'; the "
+                        "methods are then reported as '<method> <mapping>'")
     p.add_argument("--data-root", default=DEFAULT_ROOT, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--work", default="artifacts/bench-accuracy", help="teacher checkpoints are cached here")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
@@ -340,6 +346,8 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
             preset[key] = getattr(args, key) or None
     if args.student:
         preset["student"] = {**preset["student"], **args.student}
+    if args.loss_weights:
+        preset["loss_weights"] = args.loss_weights
     work = Path(args.work) / args.preset
     work.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")
@@ -349,10 +357,12 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
         for seed in args.seeds:
             for method in args.methods:
                 r = run_one(setting, method, seed, preset, work)
-                r |= {"setting": setting, "method": method, "seed": seed, "preset": args.preset,
+                name = f"{method} {yaml.safe_dump(args.loss_weights, default_flow_style=True).strip()}" \
+                    if args.loss_weights else method
+                r |= {"setting": setting, "method": name, "seed": seed, "preset": args.preset,
                       "device": device, "torch": torch.__version__}
                 runs.append(r)
-                print(f"[accuracy] {setting} seed {seed} {method}: tasks {r['tasks']} all {r['acc_all']:.4f} "
+                print(f"[accuracy] {setting} seed {seed} {name}: tasks {r['tasks']} all {r['acc_all']:.4f} "
                       f"union {r['acc_union']:.4f} balanced {r['acc_union_balanced']:.4f} ({r['seconds']} s)",
                       flush=True)
                 if args.runs_log:
