@@ -194,16 +194,20 @@ def balance_offsets(logits: torch.Tensor, iterations: int = 100) -> torch.Tensor
     return offset
 
 
-def evaluate(model: AmalgamationModule, setting: str, pool: torch.Tensor, root: str) -> dict:
-    device = model.device
-    model.eval()
+def union_test_set(setting: str, root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The setting's test images (uint8 [N, 3, 28, 28]) and their union labels (class index over all tasks)."""
     test_x, test_y = load_fashion_mnist(root, "test")
-    test_x = test_x[:, None].expand(-1, 3, -1, -1)
     ids = [i for t in SETTINGS[setting].values() for i in t]
     union_label = torch.full((10,), -1, dtype=torch.long)
     union_label[ids] = torch.arange(len(ids))
     keep = union_label[test_y] >= 0
-    x, y = test_x[keep], union_label[test_y[keep]]
+    return test_x[keep][:, None].expand(-1, 3, -1, -1), union_label[test_y[keep]]
+
+
+def evaluate(model: AmalgamationModule, setting: str, pool: torch.Tensor, root: str) -> dict:
+    device = model.device
+    model.eval()
+    x, y = union_test_set(setting, root)
     z = logits_of(model, x, device)
     offset = balance_offsets(logits_of(model, pool, device))
     result = {"tasks": {}}

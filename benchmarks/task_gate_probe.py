@@ -113,12 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
 
     train_x, _ = A.load_fashion_mnist(args.data_root, "train")
-    test_x, test_y = A.load_fashion_mnist(args.data_root, "test")
-    ids = [i for task in A.SETTINGS[args.setting].values() for i in task]
-    union_label = torch.full((10,), -1, dtype=torch.long)
-    union_label[ids] = torch.arange(len(ids))
-    keep = union_label[test_y] >= 0
-    test, y = test_x[keep][:, None].expand(-1, 3, -1, -1), union_label[test_y[keep]]
+    test, y = A.union_test_set(args.setting, args.data_root)
     pool = train_x[: args.pool, None].expand(-1, 3, -1, -1)
     device = torch.device("cpu")
 
@@ -139,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher_pool_logits, teacher_pool_feats, teacher_test_feats = [], [], []
     task_of = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(model.slices)])
     true_task = task_of[y]
-    expected = args.pool / len(ids)
+    expected = args.pool / model.num_classes
     gates = {"top logit": [], "mahalanobis": []}
     for t in model.teachers:
         k = len(t.classes)
