@@ -94,6 +94,10 @@ class AmalgamationModule(L.LightningModule):
             views kept. Pays off without random augmentation (data ``padding: 0``, ``flip: false``): epochs
             after the first then run no teacher at all.
         selflabel_threshold: confidence a pseudo-label needs to count in the ``selflabel`` term.
+        teacher_flip_average: the teachers see each training view and its mirror image, and their logits and
+            features are averaged (feature maps flipped back first): a two-view teacher ensemble gives the
+            student cleaner targets. Only for images whose label survives a horizontal flip (not text or
+            digits). The teachers run once on the doubled batch.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class AmalgamationModule(L.LightningModule):
         teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         teacher_cache: bool | int = False,
         selflabel_threshold: float = 0.95,
+        teacher_flip_average: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -221,6 +226,8 @@ class AmalgamationModule(L.LightningModule):
 
     def teacher_outputs(self, images: Tensor) -> list[Features]:
         def run(x: Tensor) -> list[Features]:
+            if self.hparams.teacher_flip_average:
+                return [mirror_average(teacher(torch.cat([x, x.flip(-1)]))) for teacher in self._teachers]
             return [teacher(x) for teacher in self._teachers]
 
         if not (self.hparams.teacher_cache and self.training):
@@ -415,6 +422,16 @@ class AmalgamationModule(L.LightningModule):
                 f"weights {broken[:5]} became NaN/Inf by step {self.global_step} (epoch {self.current_epoch}); "
                 f"this checkpoint was not written and earlier ones are intact. Lower the learning rate or the "
                 f"loss weights, then resume with --ckpt_path last.")
+
+
+def mirror_average(out: Features) -> Features:
+    """Outputs for a batch ``[x; mirror(x)]`` -> per image, the mean of both views. Maps of the mirrored view are
+    flipped back so that positions line up; logits and pooled vectors have no positions."""
+    def mean(t: Tensor) -> Tensor:
+        plain, mirrored = t.chunk(2)
+        return (plain + (mirrored.flip(-1) if t.ndim == 4 else mirrored)) / 2
+
+    return Features([mean(t) for t in out.taps], mean(out.logits))
 
 
 def fused_adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:

@@ -33,6 +33,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import yaml
+from lightning.pytorch.callbacks import EMAWeightAveraging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amalgam import AmalgamationModule, Classifier
@@ -75,14 +76,18 @@ PRESETS = {
 # Student methods are the library's presets (configs/presets/<method>.yaml): their loss choices only, so every
 # method shares the optimiser and schedule. "supervised" is the all-labels upper bound.
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
-METHOD_KEYS = ("kd", "temperature", "loss_weights", "mmd_bandwidths")
+METHOD_KEYS = ("kd", "temperature", "loss_weights", "mmd_bandwidths", "teacher_flip_average")
 METHODS = ["supervised", "kd_concat", "kd_slice", "cfl_paper", "amalgam"]
-# Ablations of the amalgam preset: each switches one of its ideas off (-) or an optional one on (+).
+# Ablations of the amalgam preset: each switches one of its ideas off (-) or an optional one on (+), by loss
+# weights or other module arguments. "+ema" evaluates an exponential moving average of the student's weights
+# (Lightning's EMAWeightAveraging, time constant a tenth of the run's steps).
 ABLATIONS = {
-    "amalgam+selflabel": {"selflabel": 1.0},
-    "amalgam-no_cfl": {"mmd": 0.0, "recon": 0.0},
-    "amalgam-no_prior": {"balance": 0.0, "entropy": 0.0},
-    "amalgam-no_entropy": {"entropy": 0.0},
+    "amalgam+selflabel": {"loss_weights": {"selflabel": 1.0}},
+    "amalgam-no_cfl": {"loss_weights": {"mmd": 0.0, "recon": 0.0}},
+    "amalgam-no_prior": {"loss_weights": {"balance": 0.0, "entropy": 0.0}},
+    "amalgam-no_entropy": {"loss_weights": {"entropy": 0.0}},
+    "amalgam+teacher_flip": {"teacher_flip_average": True},
+    "amalgam+ema": {},
 }
 
 
@@ -90,8 +95,9 @@ def method_args(method: str) -> dict:
     base = "kd_slice" if method == "supervised" else method.split("-")[0].split("+")[0]
     init_args = yaml.safe_load((PRESET_DIR / f"{base}.yaml").read_text())["model"]["init_args"]
     args = {k: copy.deepcopy(init_args[k]) for k in METHOD_KEYS if k in init_args}
-    args["loss_weights"] = {**args.get("loss_weights", {}), **ABLATIONS.get(method, {})}
-    return args
+    changes = copy.deepcopy(ABLATIONS.get(method, {}))
+    args["loss_weights"] = {**args.get("loss_weights", {}), **changes.pop("loss_weights", {})}
+    return args | changes
 
 
 class EpochClock(L.Callback):
@@ -111,9 +117,9 @@ class EpochClock(L.Callback):
               f"{self.images / seconds:.0f} img/s", flush=True)
 
 
-def trainer(epochs: int, root: Path) -> L.Trainer:
+def trainer(epochs: int, root: Path, callbacks: list | None = None) -> L.Trainer:
     return L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                     callbacks=[EpochClock()],
+                     callbacks=[EpochClock(), *(callbacks or [])],
                      enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
                      num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(root),
                      precision="bf16-mixed" if torch.cuda.is_available() else "32-true")
@@ -236,7 +242,11 @@ def run_one(setting: str, method: str, seed: int, preset: dict, work: Path) -> d
     data = cls(preset["root"], SETTINGS[setting], batch_size=preset["batch_size"], train_limit=preset["train_limit"],
                seed=seed)
     L.seed_everything(seed, verbose=False)  # same batch order and augmentations for every method
-    t = trainer(preset["student_epochs"], work)
+    callbacks = []
+    if method == "amalgam+ema":
+        steps = (preset["train_limit"] or 60000) // preset["batch_size"] * preset["student_epochs"]
+        callbacks.append(EMAWeightAveraging(decay=1 - 10 / steps))
+    t = trainer(preset["student_epochs"], work, callbacks)
     start = time.perf_counter()
     t.fit(model, datamodule=data)
     data.setup("fit")

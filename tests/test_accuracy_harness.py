@@ -43,3 +43,13 @@ def test_from_runs_writes_the_contract_from_json_lines(tmp_path):
     assert written["S2"]["kd_slice"]["acc_union"] == pytest.approx(0.71)
     assert written["_meta"]["seeds"] == [0, 1] and written["_meta"]["device"] == "X"
     assert written["_meta"]["command"].endswith(f"--out {out}")
+
+
+def test_methods_are_the_library_presets_and_ablations_change_one_thing():
+    amalgam = accuracy.method_args("amalgam")
+    assert amalgam["kd"] == "slice" and amalgam["loss_weights"]["mmd"] > 0
+    no_cfl = accuracy.method_args("amalgam-no_cfl")
+    assert no_cfl["loss_weights"] == amalgam["loss_weights"] | {"mmd": 0.0, "recon": 0.0}
+    flip = accuracy.method_args("amalgam+teacher_flip")
+    assert flip == amalgam | {"teacher_flip_average": True}
+    assert accuracy.method_args("kd_concat")["kd"] == "concat"

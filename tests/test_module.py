@@ -121,6 +121,30 @@ def test_bf16_teachers_hand_float32_features_close_to_float32_teachers(tmp_path,
         AmalgamationModule(teachers, student(), teacher_dtype="int8")
 
 
+@pytest.mark.parametrize("tap", ["map", "pooled"])
+def test_teacher_flip_average_is_the_mean_of_a_view_and_its_mirror(tmp_path, image_tree, tap):
+    teachers = [teacher("a", "resnet", tap=tap), teacher("b", "vit", tap=tap)]
+    module = AmalgamationModule(teachers, student(tap=tap), teacher_flip_average=True)
+    images = torch.rand(3, 3, SIZE, SIZE)
+    averaged, mirrored_input = module.teacher_outputs(images), module.teacher_outputs(images.flip(-1))
+    # A feature map of the mirrored view is flipped back before averaging; a pooled vector has no positions.
+    unflip = (lambda m: m.flip(-1)) if tap == "map" else (lambda m: m)
+    for t, out, out_mirror in zip(module.teachers, averaged, mirrored_input):
+        plain, mirrored = t(images), t(images.flip(-1))
+        assert out.taps[0].ndim == (4 if tap == "map" else 2)
+        torch.testing.assert_close(out.logits, (plain.logits + mirrored.logits) / 2)
+        torch.testing.assert_close(out.taps[0], (plain.taps[0] + unflip(mirrored.taps[0])) / 2)
+        # Hence a view and its mirror image get the same targets.
+        torch.testing.assert_close(out_mirror.logits, out.logits)
+        torch.testing.assert_close(unflip(out_mirror.taps[0]), out.taps[0])
+    assert not torch.allclose(averaged[0].logits, module.teachers[0](images).logits)
+    cfg = amalgam_config(tmp_path, image_tree, teachers, student(tap=tap), model_args={"teacher_flip_average": True},
+                         trainer={"max_steps": 2, "limit_val_batches": 0})
+    cli = main(["--config", str(cfg)], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
 def test_bad_tap_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown tap 'layer9'.*layer4"):
         Teacher(**teacher("a", "resnet", taps=["layer9"]))
