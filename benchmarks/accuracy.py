@@ -138,7 +138,9 @@ def train_teacher(setting: str, task: str, family: dict, seed: int, preset: dict
                                   train_limit=preset["teacher_train_limit"], seed=seed)
     t = trainer(preset["teacher_epochs"], work)
     t.fit(model, datamodule=data)
-    t.save_checkpoint(path)
+    partial = path.with_suffix(".partial")  # a process stopped mid-write leaves no file that looks finished
+    t.save_checkpoint(partial)
+    partial.rename(path)
     return path
 
 
@@ -328,11 +330,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     p.add_argument("--runs-log", help="append each finished run to this JSON-lines file as it ends, so a run "
                                       "that is stopped midway keeps what it finished")
+    p.add_argument("--teachers-only", action="store_true",
+                   help="train (or find cached under --work) the teachers of --settings and --seeds, then stop; "
+                        "a later run with the same --work reuses them")
+    p.add_argument("--tasks", nargs="+", help="with --teachers-only: only these tasks' teachers (e.g. c), so that "
+                                              "several processes can train one setting's teachers at once")
     p.add_argument("--from-runs", nargs="+", metavar="JSONL",
                    help="train nothing: summarise runs logged by --runs-log (several machines or processes)")
     args = p.parse_args(argv)
     command = " ".join(["python benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
     start = time.perf_counter()
+    if args.teachers_only:
+        train_teachers(args)
+        return {}
     if args.from_runs:
         runs = [json.loads(line) for f in args.from_runs for line in Path(f).read_text().splitlines() if line]
         meta = {k: runs[0].get(k) for k in ("preset", "device", "torch")}
@@ -353,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def run_grid(args: argparse.Namespace) -> list[dict]:
+def grid_preset(args: argparse.Namespace) -> tuple[dict, Path]:
+    """The preset with the command line's overrides, and the folder of its cached teachers."""
     preset = dict(PRESETS[args.preset], root=args.data_root)
     for key in ("student_epochs", "teacher_epochs", "train_limit", "teacher_train_limit"):
         if getattr(args, key) is not None:
@@ -365,6 +376,21 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
     work = Path(args.work) / args.preset
     work.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")
+    return preset, work
+
+
+def train_teachers(args: argparse.Namespace) -> None:
+    preset, work = grid_preset(args)
+    for setting in args.settings:
+        for seed in args.seeds:
+            for (task, _), family in zip(SETTINGS[setting].items(), preset["teachers"]):
+                if not args.tasks or task in args.tasks:
+                    path = train_teacher(setting, task, family, seed, preset, work)
+                    print(f"[accuracy] {setting} seed {seed} teacher {task}: {path}", flush=True)
+
+
+def run_grid(args: argparse.Namespace) -> list[dict]:
+    preset, work = grid_preset(args)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     runs = []
     for setting in args.settings:

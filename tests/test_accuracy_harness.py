@@ -53,3 +53,16 @@ def test_methods_are_the_library_presets_and_ablations_change_one_thing():
     flip = accuracy.method_args("amalgam+teacher_flip")
     assert flip == amalgam | {"teacher_flip_average": True}
     assert accuracy.method_args("kd_concat")["kd"] == "concat"
+
+
+def test_teachers_only_trains_the_named_tasks_once_and_stops(tmp_path, capsys):
+    args = ["--teachers-only", "--settings", "S2", "--seeds", "0", "--tasks", "b", "--teacher-epochs", "1",
+            "--teacher-train-limit", "64", "--work", str(tmp_path)]
+    assert accuracy.main(args) == {}
+    (ckpt,) = (tmp_path / "cpu").glob("*.ckpt")
+    assert "S2-seed0-teacher-b-" in ckpt.name and "-e1-n64" in ckpt.name
+    assert not list((tmp_path / "cpu").glob("*.partial"))
+    written = ckpt.stat().st_mtime_ns
+    accuracy.main(args)  # cached: not trained again
+    assert ckpt.stat().st_mtime_ns == written
+    assert capsys.readouterr().out.count(f"teacher b: {ckpt}") == 2
