@@ -159,8 +159,8 @@ def build_student(method: str, teachers: list[dict], preset: dict, seed: int) ->
     cls = Supervised if method == "supervised" else AmalgamationModule
     L.seed_everything(seed, verbose=False)  # same student init for every method (teachers, then student)
     # A NaN check syncs with the device; every step would stall a GPU's queue of launches.
-    return cls(teachers, {**preset["student"], "taps": ["pooled"]}, lr=2e-3, evaluate_teachers=False,
-               nan_check_every_n_steps=100, **args)
+    defaults = {"lr": 2e-3, "evaluate_teachers": False, "nan_check_every_n_steps": 100}
+    return cls(teachers, {**preset["student"], "taps": ["pooled"]}, **defaults | args | preset.get("module_args", {}))
 
 
 class Supervised(AmalgamationModule):
@@ -325,6 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--loss-weights", type=yaml.safe_load, default=None,
                    help="YAML mapping that replaces loss weights of every method, e.g. '{entropy: 0.3}'; the "
                         "methods are then reported as '<method> <mapping>'")
+    p.add_argument("--module-args", type=yaml.safe_load, default=None,
+                   help="YAML mapping of other AmalgamationModule arguments for every method, e.g. '{temperature: "
+                        "8}'; reported like --loss-weights")
     p.add_argument("--data-root", default=DEFAULT_ROOT, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--work", default="artifacts/bench-accuracy", help="teacher checkpoints are cached here")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
@@ -373,6 +376,8 @@ def grid_preset(args: argparse.Namespace) -> tuple[dict, Path]:
         preset["student"] = {**preset["student"], **args.student}
     if args.loss_weights:
         preset["loss_weights"] = args.loss_weights
+    if args.module_args:
+        preset["module_args"] = args.module_args
     work = Path(args.work) / args.preset
     work.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")
@@ -397,8 +402,8 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
         for seed in args.seeds:
             for method in args.methods:
                 r = run_one(setting, method, seed, preset, work)
-                name = f"{method} {yaml.safe_dump(args.loss_weights, default_flow_style=True).strip()}" \
-                    if args.loss_weights else method
+                changed = (args.loss_weights or {}) | (args.module_args or {})
+                name = f"{method} {yaml.safe_dump(changed, default_flow_style=True).strip()}" if changed else method
                 r |= {"setting": setting, "method": name, "seed": seed, "preset": args.preset,
                       "device": device, "torch": torch.__version__}
                 runs.append(r)

@@ -66,3 +66,15 @@ def test_teachers_only_trains_the_named_tasks_once_and_stops(tmp_path, capsys):
     accuracy.main(args)  # cached: not trained again
     assert ckpt.stat().st_mtime_ns == written
     assert capsys.readouterr().out.count(f"teacher b: {ckpt}") == 2
+
+
+def test_module_args_reach_every_student_over_the_preset():
+    preset = accuracy.PRESETS["cpu"]
+    teachers = [{"task": task, "classes": [f"{task}{i}" for i in range(len(ids))], "taps": ["pooled"], **family}
+                for (task, ids), family in zip(accuracy.SETTINGS["S2"].items(), preset["teachers"])]
+    plain = accuracy.build_student("amalgam", teachers, preset, seed=0)
+    changed = accuracy.build_student("amalgam", teachers, preset | {"module_args": {"temperature": 8.0, "lr": 0.01}},
+                                     seed=0)
+    assert plain.hparams.temperature == 4.0 and plain.hparams.lr == 2e-3  # the preset's and the harness's
+    assert changed.hparams.temperature == 8.0 and changed.hparams.lr == 0.01
+    assert changed.loss_weights == plain.loss_weights
