@@ -5,7 +5,7 @@
     python benchmarks/accuracy.py --settings S2 --seeds 0 --methods kd_slice amalgam   # a slice of the grid
     python benchmarks/accuracy.py --methods amalgam --loss-weights '{entropy: 0.3}'   # one weight changed
     python benchmarks/accuracy.py --methods amalgam --module-args '{temperature: 2.0}'  # another argument
-    bash benchmarks/accuracy_gpu.sh OUT_DIR                 # the GPU grid, one process per (setting, seed)
+    bash benchmarks/accuracy_gpu.sh OUT_DIR                 # the GPU grid: a process per teacher, then per seed
     python benchmarks/accuracy.py --from-runs OUT_DIR/runs.jsonl   # summarise runs logged by --runs-log
 
 Settings: S2 = tasks {0-4}, {5-9}; S3 = {0-3}, {4-6}, {7-9}. Teachers of different families are trained once per
