@@ -179,6 +179,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
+    if isinstance(obj, dict):  # modules' extra state (e.g. a loss's memory bank) holds no weights
+        obj = {k: v for k, v in obj.items() if not k.endswith("._extra_state")}
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"Checkpoint {str(path)!r} holds no state_dict of tensors.")
     return obj

@@ -178,3 +178,80 @@ class SelfLabel(nn.Module):
                 mask = (confidence >= self.threshold).float()
             loss = F.cross_entropy(strong_logits.float(), labels, reduction="none")
             return (loss * mask).mean(), mask.mean()
+
+
+class NeighbourConsistency(nn.Module):
+    """Images that are neighbours in the teachers' joint feature space should get the same union class (SCAN,
+    Van Gansbeke et al. 2020, with a memory bank of recent batches in place of neighbours mined up front).
+
+    A teacher's features separate its own classes and, as a by-product, put an image of another task near its
+    look-alikes; the teachers' features side by side separate the union classes better than the union prior
+    alone lets the student do. A ring buffer keeps the last ``bank_size`` training images' keys (the teachers'
+    features: see ``AmalgamationModule.neighbour_keys``) and the student's union softmax on them, detached.
+    For each image the loss is ``-log <p, q>``, where ``q`` is the mean stored softmax of its ``k`` nearest
+    bank entries by cosine similarity of keys: the student is pulled toward the class its neighbours get.
+
+    ``forward`` compares the batch with earlier batches only, then adds the batch to the bank (like
+    BatchNorm's running statistics, it updates state on every training call). It returns 0 until ``k``
+    entries are filled. The bank is saved in the state dict (``get_extra_state``), so a resumed run continues
+    with it; it is not a buffer, so DDP does not broadcast it: every process keeps its own bank.
+
+    Args:
+        bank_size: entries kept; older entries hold the student's older, less trained predictions.
+        k: neighbours averaged into each image's target.
+    """
+
+    def __init__(self, bank_size: int = 4096, k: int = 5) -> None:
+        super().__init__()
+        if bank_size < 1 or not 1 <= k <= bank_size:
+            raise ValueError(f"neighbour bank needs bank_size >= k >= 1, got bank_size={bank_size}, k={k}")
+        self.bank_size, self.k = bank_size, k
+        self.keys: Tensor | None = None
+        self.probs: Tensor | None = None
+        self.filled = 0
+        self.pointer = 0
+
+    def forward(self, keys: Tensor, student_logits: Tensor) -> Tensor:
+        with torch.autocast(student_logits.device.type, enabled=False):
+            keys = F.normalize(keys.detach().float().flatten(1), dim=1)
+            p = F.softmax(student_logits.float(), dim=1)
+            if self.filled >= self.k:
+                bank_keys, bank_probs = self._bank(keys.device)
+                nearest = (keys @ bank_keys.T).topk(self.k, dim=1).indices
+                target = bank_probs[nearest].mean(1)
+                loss = -(p * target).sum(1).clamp_min(1e-8).log().mean()
+            else:  # keeps the graph (and DDP's gradient hooks) the same as on later steps
+                loss = (p * 0.0).sum()
+            self._add(keys, p.detach())
+            return loss
+
+    def _bank(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self.keys.device != device:  # restored from a checkpoint on the CPU
+            self.keys, self.probs = self.keys.to(device), self.probs.to(device)
+        return self.keys[: self.filled], self.probs[: self.filled]
+
+    def _add(self, keys: Tensor, probs: Tensor) -> None:
+        if self.keys is None or self.keys.shape[1] != keys.shape[1] or self.probs.shape[1] != probs.shape[1]:
+            self.keys = keys.new_zeros(self.bank_size, keys.shape[1])
+            self.probs = probs.new_zeros(self.bank_size, probs.shape[1])
+            self.filled = self.pointer = 0
+        self._bank(keys.device)
+        keys, probs = keys[-self.bank_size:], probs[-self.bank_size:]
+        rows = (self.pointer + torch.arange(len(keys), device=keys.device)) % self.bank_size
+        self.keys[rows], self.probs[rows] = keys, probs
+        self.pointer = (self.pointer + len(keys)) % self.bank_size
+        self.filled = min(self.bank_size, self.filled + len(keys))
+
+    def reset(self) -> None:
+        self.keys = self.probs = None
+        self.filled = self.pointer = 0
+
+    def get_extra_state(self) -> dict:
+        bank = None if self.keys is None else {"keys": self.keys.cpu(), "probs": self.probs.cpu()}
+        return {"bank": bank, "filled": self.filled, "pointer": self.pointer}
+
+    def set_extra_state(self, state: dict) -> None:
+        bank = state.get("bank")
+        # Copies, as load_state_dict copies buffers: the source module may go on writing its own bank.
+        self.keys, self.probs = (None, None) if bank is None else (bank["keys"].clone(), bank["probs"].clone())
+        self.filled, self.pointer = state["filled"], state["pointer"]

@@ -10,6 +10,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from amalgam.data.augment import strong_view
 from amalgam.losses import (
     PAPER_BANDWIDTHS,
     MultiBandwidthMMD,
+    NeighbourConsistency,
     ReconstructionLoss,
     SelfLabel,
     SoftTargetKD,
@@ -31,9 +33,10 @@ from amalgam.teacher import Teacher, TeacherConfig
 from amalgam.teacher_cache import TeacherCache
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy) and self-labelling are ours,
-# off by default.
-DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0, "balance": 0.0, "entropy": 0.0, "selflabel": 0.0}
+# The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy), self-labelling and
+# neighbour consistency are ours, off by default.
+DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0, "balance": 0.0, "entropy": 0.0, "selflabel": 0.0,
+                   "neighbour": 0.0}
 
 
 class StudentConfig(TypedDict):
@@ -68,7 +71,9 @@ class AmalgamationModule(L.LightningModule):
         loss_weights: weights of ``kd``, ``mmd`` and ``recon`` (paper: 1, 10, 10), and of the union-prior
             terms ``balance`` and ``entropy`` (``losses.UnionPrior``; 0 = off, the paper's method), and of
             ``selflabel`` (``losses.SelfLabel``: the student's confident union prediction trains a strongly
-            augmented view; one more student pass per step; 0 = off).
+            augmented view; one more student pass per step; 0 = off), and of ``neighbour``
+            (``losses.NeighbourConsistency``: images close in the teachers' joint features get the same union
+            class; 0 = off).
         mmd_bandwidths: Gaussian kernel sigmas (paper: 0.001 ... 2).
         optimizer: optimizer class (``class_path`` in YAML; default Adam); it gets parameter groups carrying
             their own ``lr`` and ``weight_decay``, so set those here rather than in its init_args.
@@ -98,6 +103,8 @@ class AmalgamationModule(L.LightningModule):
             features are averaged (feature maps flipped back first): a two-view teacher ensemble gives the
             student cleaner targets. Only for images whose label survives a horizontal flip (not text or
             digits). The teachers run once on the doubled batch.
+        neighbour_bank_size: recent training images the ``neighbour`` term searches for neighbours.
+        neighbour_k: neighbours per image in the ``neighbour`` term.
     """
 
     def __init__(
@@ -127,6 +134,8 @@ class AmalgamationModule(L.LightningModule):
         teacher_cache: bool | int = False,
         selflabel_threshold: float = 0.95,
         teacher_flip_average: bool = False,
+        neighbour_bank_size: int = 4096,
+        neighbour_k: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -170,6 +179,12 @@ class AmalgamationModule(L.LightningModule):
         self.recon_loss = ReconstructionLoss()
         self.union_prior = UnionPrior()
         self.self_label = SelfLabel(selflabel_threshold)
+        # Built only when used: its bank is checkpointed state.
+        untapped = [t.task for t in self._teachers if not t.net.tapper.taps]
+        if weights["neighbour"] and untapped:
+            raise ValueError(f"loss_weights.neighbour looks for neighbours in the teachers' features, but teachers "
+                             f"{untapped} have no taps: give each at least one (e.g. taps: [pooled])")
+        self.neighbour_loss = NeighbourConsistency(neighbour_bank_size, neighbour_k) if weights["neighbour"] else None
         self._build_metrics()
         self._teacher_cache: TeacherCache | None = None
 
@@ -270,7 +285,17 @@ class AmalgamationModule(L.LightningModule):
             terms["recon"] = sum(self.recon_loss(c.reconstructions, c.targets) for c in common)
         if self.loss_weights["balance"] or self.loss_weights["entropy"]:
             terms |= self.union_prior(student.logits)
+        if self.neighbour_loss is not None:
+            terms["neighbour"] = self.neighbour_loss(self.neighbour_keys(teachers), student.logits)
         return terms
+
+    def neighbour_keys(self, teachers: list[Features]) -> Tensor:
+        """Where the ``neighbour`` term looks for neighbours: each teacher's last tap (feature maps averaged
+        over positions), L2-normalised so that every teacher counts the same, side by side."""
+        def pooled(t: Tensor) -> Tensor:
+            return t.float().flatten(2).mean(2) if t.ndim > 2 else t.float()
+
+        return torch.cat([F.normalize(pooled(t.taps[-1]), dim=1) for t in teachers], 1)
 
     def self_label_term(self, images: Tensor, student: Features) -> Tensor:
         strong = self.student_outputs(strong_view(images))
@@ -416,7 +441,7 @@ class AmalgamationModule(L.LightningModule):
         # Never replace a good checkpoint with broken weights: raising here aborts this save before any file
         # is touched (and the run with it), so the last good checkpoint stays the one to resume from.
         broken = [k for k, v in checkpoint.get("state_dict", {}).items()
-                  if v.is_floating_point() and not torch.isfinite(v).all()]
+                  if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
         if broken:
             raise FloatingPointError(
                 f"weights {broken[:5]} became NaN/Inf by step {self.global_step} (epoch {self.current_epoch}); "

@@ -52,6 +52,8 @@ def test_methods_are_the_library_presets_and_ablations_change_one_thing():
     assert no_cfl["loss_weights"] == amalgam["loss_weights"] | {"mmd": 0.0, "recon": 0.0}
     flip = accuracy.method_args("amalgam+teacher_flip")
     assert flip == amalgam | {"teacher_flip_average": True}
+    neighbour = accuracy.method_args("amalgam+neighbour")
+    assert neighbour == amalgam | {"loss_weights": amalgam["loss_weights"] | {"neighbour": 1.0}}
     assert accuracy.method_args("kd_concat")["kd"] == "concat"
 
 

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from conftest import SIZE, student, teacher
 
 from amalgam import AmalgamationModule
-from amalgam.losses import PAPER_BANDWIDTHS, MultiBandwidthMMD, ReconstructionLoss, SelfLabel, SoftTargetKD
+from amalgam.losses import (
+    PAPER_BANDWIDTHS,
+    MultiBandwidthMMD,
+    NeighbourConsistency,
+    ReconstructionLoss,
+    SelfLabel,
+    SoftTargetKD,
+)
 
 
 def naive_mmd2(x, y, sigmas):
@@ -346,3 +353,126 @@ def test_selflabel_off_by_default_costs_no_extra_student_pass():
 def test_selflabel_threshold_is_checked_when_the_module_is_built():
     with pytest.raises(ValueError, match="threshold"):
         tiny_module(loss_weights={"selflabel": 1.0}, selflabel_threshold=1.0)
+
+
+def naive_neighbour_losses(batches, bank_size, k):
+    """Per batch, the neighbour loss from plain Python lists: the bank is every earlier image's (key, softmax),
+    of which only the last bank_size count; neighbours by cosine similarity, sorted by hand."""
+    bank, losses = [], []
+    for keys, logits in batches:
+        keys = F.normalize(keys.double(), dim=1)
+        probs = logits.double().softmax(1)
+        recent = bank[-bank_size:]
+        if len(recent) < k:
+            losses.append(0.0)
+        else:
+            per_image = []
+            for key, p in zip(keys, probs):
+                ranked = sorted(recent, key=lambda entry: -float(key @ entry[0]))
+                target = sum(entry[1] for entry in ranked[:k]) / k
+                per_image.append(-math.log(float(p @ target)))
+            losses.append(sum(per_image) / len(per_image))
+        bank += list(zip(keys, probs))
+    return losses
+
+
+@pytest.mark.parametrize("bank_size, k, batch", [(7, 3, 4), (16, 1, 5), (4, 4, 6)])
+def test_neighbour_consistency_matches_naive_reference_across_ring_buffer_wraps(bank_size, k, batch):
+    g = torch.Generator().manual_seed(bank_size + k)
+    batches = [(torch.randn(batch, 6, generator=g), torch.randn(batch, 5, generator=g) * 2) for _ in range(6)]
+    loss = NeighbourConsistency(bank_size, k)
+    got = [loss(keys, logits).item() for keys, logits in batches]
+    assert got == pytest.approx(naive_neighbour_losses(batches, bank_size, k), rel=1e-5, abs=1e-7)
+    assert loss.filled == bank_size  # 6 batches overfill every bank: it stays at its size
+
+
+def test_neighbour_consistency_pulls_an_image_toward_its_neighbours_class():
+    # Bank: 3 images near key e0 that the student put in class 2, 3 near e1 put in class 0.
+    loss = NeighbourConsistency(bank_size=8, k=3)
+    near = torch.tensor([[1.0, 0.0], [0.9, 0.1], [1.0, 0.05], [0.0, 1.0], [0.1, 0.9], [0.05, 1.0]])
+    loss(near, torch.tensor([[0.0, 0.0, 9.0]] * 3 + [[9.0, 0.0, 0.0]] * 3))
+    logits = torch.zeros(1, 3, requires_grad=True)
+    loss(torch.tensor([[1.0, 0.02]]), logits).backward()
+    assert logits.grad.argmin().item() == 2  # a descent step raises class 2, the neighbours' class
+    assert loss.filled == 7 and loss.pointer == 7
+
+
+def test_neighbour_consistency_is_zero_until_k_entries_and_keeps_the_graph():
+    loss = NeighbourConsistency(bank_size=10, k=4)
+    logits = torch.randn(3, 5, requires_grad=True)
+    first = loss(torch.randn(3, 2), logits)
+    assert first.item() == 0.0 and first.requires_grad and loss.filled == 3
+    assert loss(torch.randn(3, 2), torch.randn(3, 5)).item() == 0.0  # 3 < k entries before this batch
+    assert loss(torch.randn(3, 2), torch.randn(3, 5)).item() > 0.0  # 6 >= k
+    loss.reset()
+    assert loss.filled == 0 and loss(torch.randn(3, 2), torch.randn(3, 5)).item() == 0.0
+
+
+def test_neighbour_bank_survives_a_state_dict_round_trip():
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 5, generator=g)) for _ in range(5)]
+    original = NeighbourConsistency(bank_size=6, k=2)
+    for keys, logits in batches[:3]:
+        original(keys, logits)
+    restored = NeighbourConsistency(bank_size=6, k=2)
+    restored.load_state_dict(original.state_dict())
+    for keys, logits in batches[3:]:
+        assert restored(keys, logits).item() == original(keys, logits).item()
+    assert (restored.filled, restored.pointer) == (original.filled, original.pointer)
+
+
+def test_neighbour_consistency_computes_in_float32_under_bf16():
+    keys, logits = torch.randn(6, 4), torch.randn(6, 5)
+    loss = NeighbourConsistency(bank_size=6, k=2)
+    loss(keys, logits)
+    expected = loss(keys, logits).item()
+    loss.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss(keys.bfloat16(), logits.bfloat16())
+        got = loss(keys.bfloat16(), logits.bfloat16())
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(expected, rel=2e-2)
+
+
+@pytest.mark.parametrize("bank_size, k", [(0, 1), (4, 0), (4, 5)])
+def test_neighbour_consistency_rejects_bad_sizes(bank_size, k):
+    with pytest.raises(ValueError, match="bank_size"):
+        NeighbourConsistency(bank_size, k)
+
+
+def test_neighbour_weight_adds_a_term_on_the_teachers_joint_features():
+    module = tiny_module(loss_weights={"neighbour": 1.0}, neighbour_bank_size=8, neighbour_k=2).train()
+    assert tiny_module().neighbour_loss is None  # off by default: no bank, nothing in checkpoints
+    first = torch.rand(8, 3, SIZE, SIZE)
+    _, seen, _ = watch_step(module, first)
+    assert seen["terms"]["neighbour"].item() == 0.0 and module.neighbour_loss.filled == 8
+    # The bank's keys are the teachers' features, each L2-normalised, side by side.
+    teachers = module.teacher_outputs(first)
+    expected_keys = torch.cat([F.normalize(t.taps[-1].flatten(1), dim=1) for t in teachers], 1)
+    assert torch.allclose(module.neighbour_loss.keys, F.normalize(expected_keys, dim=1), atol=1e-6)
+    # The next batch's term is the loss's own value on those keys, and it trains the student's head.
+    second = torch.rand(8, 3, SIZE, SIZE)
+    reference = NeighbourConsistency(8, 2)
+    reference.load_state_dict(module.neighbour_loss.state_dict())
+    _, seen, _ = watch_step(module, second)
+    expected = reference(module.neighbour_keys(module.teacher_outputs(second)), seen["outputs"][0].logits.detach())
+    assert seen["terms"]["neighbour"].item() == pytest.approx(expected.item(), rel=1e-5) and expected.item() > 0
+    seen["terms"]["neighbour"].backward()
+    assert module.student.model.get_classifier().weight.grad.abs().sum() > 0
+    # The bank is checkpointed with the module.
+    assert "neighbour_loss._extra_state" in module.state_dict()
+
+
+def test_neighbour_keys_average_feature_maps_over_positions():
+    module = AmalgamationModule([teacher("a", "resnet"), teacher("b", "resnet")], student(),
+                                block_width=8, block_depth=1, loss_weights={"neighbour": 1.0})
+    teachers = module.teacher_outputs(torch.rand(4, 3, SIZE, SIZE))
+    assert teachers[0].taps[-1].ndim == 4
+    keys = module.neighbour_keys(teachers)
+    maps = [F.normalize(t.taps[-1].mean((2, 3)), dim=1) for t in teachers]
+    assert torch.allclose(keys, torch.cat(maps, 1), atol=1e-6)
+
+
+def test_neighbour_term_needs_tapped_teachers():
+    with pytest.raises(ValueError, match=r"teachers \['a', 'b'\] have no taps"):
+        AmalgamationModule([teacher("a", "resnet", tap=None), teacher("b", "resnet", tap=None)], student(tap=None),
+                           loss_weights={"neighbour": 1.0})

@@ -305,6 +305,16 @@ def test_garbage_safetensors_is_a_clear_error(tmp_path):
         read_state_dict(path)
 
 
+def test_weights_are_read_past_a_modules_extra_state(tmp_path):
+    # A run with the neighbour term saves its memory bank as extra state: its checkpoint still serves as weights.
+    path = tmp_path / "run.ckpt"
+    weight = torch.randn(3, 2)
+    torch.save({"state_dict": {"student.w": weight, "neighbour_loss._extra_state": {"bank": None, "filled": 0}}},
+               path)
+    state = read_state_dict(path)
+    assert state.keys() == {"student.w"} and torch.equal(state["student.w"], weight)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Nothing lost: atomic checkpoint files, exact resume after a kill
 
@@ -374,13 +384,22 @@ def _resume_config(tmp_path: Path, image_tree: dict, name: str, kill: tuple[int,
     run_dir = tmp_path / f"{name}_cfg"
     run_dir.mkdir(exist_ok=True)
     # 24 images in batches of 8: 3 steps per epoch, 2 epochs; random crops and flips; validation each epoch.
+    # The neighbour term's bank (12 entries: full and wrapping by step 2) is training state a resume must restore.
+    neighbours = {"loss_weights": {"neighbour": 1.0}, "neighbour_bank_size": 12, "neighbour_k": 2}
     cfg = amalgam_config(run_dir, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
-                         trainer={"max_epochs": 2, "limit_val_batches": 1, "enable_checkpointing": True,
+                         model_args=neighbours, trainer={"max_epochs": 2, "limit_val_batches": 1, "enable_checkpointing": True,
                                   "callbacks": callbacks})
     config = yaml.safe_load(cfg.read_text())
     config["data"]["init_args"].update(padding=4, flip=True)
     cfg.write_text(yaml.safe_dump(config))
     return cfg
+
+
+def _same(a, b) -> bool:
+    """torch.equal, also through the plain dicts a module's extra state is saved as."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 @pytest.fixture(scope="module")
@@ -415,5 +434,6 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(sig, saved_step, uni
     assert cli.trainer.global_step == 6
     resumed = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["state_dict"]
     assert resumed.keys() == uninterrupted.keys()
-    differ = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
+    differ = [k for k in resumed if not _same(resumed[k], uninterrupted[k])]
+    assert "neighbour_loss._extra_state" in resumed
     assert not differ, f"resumed weights differ from the uninterrupted run's: {differ[:5]}"
