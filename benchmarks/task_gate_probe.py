@@ -17,6 +17,11 @@ It also tries clustering instead of ranking: k-means with one cluster per union 
 teachers' joint pooled features, in the student's pooled features and in the common feature space (the
 student's side of the first common-feature block), each cluster then matched one-to-one to a union class by
 how often that class's teacher predicts it inside the cluster (Hungarian assignment).
+
+Last, the headroom of neighbour consistency (`losses.NeighbourConsistency`): each test image's union
+prediction is combined with the mean prediction of its k nearest pool images in the teachers' joint pooled
+features (log p + log q); if even the trained student's own predictions, smoothed this way, gain little, a
+training term built on them cannot gain much more.
 """
 
 from __future__ import annotations
@@ -179,6 +184,15 @@ def main(argv: list[str] | None = None) -> None:
         acc = cluster_accuracy(F.normalize(pool_feats, dim=1), F.normalize(test_feats, dim=1), teacher_pool_logits,
                                model.slices, y, args.seed)
         print(f"k-means, {name}: task-agnostic {acc:.4f}")
+
+    pool_p, test_p = pool_student[:, :k_all].softmax(1), student.softmax(1)
+    pool_keys, test_keys = (F.normalize(torch.cat(f, 1), dim=1) for f in (teacher_pool_feats, teacher_test_feats))
+    nearest = (test_keys @ pool_keys.T).topk(50, dim=1).indices
+    for k in (5, 20, 50):
+        q = pool_p[nearest[:, :k]].mean(1)
+        smoothed = test_p.log() + q.clamp_min(1e-8).log()
+        print(f"student x mean of its {k} nearest pool images in the teachers' joint features: task-agnostic "
+              f"{(smoothed.argmax(1) == y).float().mean():.4f} (neighbours alone {(q.argmax(1) == y).float().mean():.4f})")
 
 
 if __name__ == "__main__":
