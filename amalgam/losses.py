@@ -215,27 +215,22 @@ class NeighbourConsistency(nn.Module):
         with torch.autocast(student_logits.device.type, enabled=False):
             keys = F.normalize(keys.detach().float().flatten(1), dim=1)
             p = F.softmax(student_logits.float(), dim=1)
+            if self.keys is not None and self.keys.device != keys.device:  # restored from a checkpoint on the CPU
+                self.keys, self.probs = self.keys.to(keys.device), self.probs.to(keys.device)
             if self.filled >= self.k:
-                bank_keys, bank_probs = self._bank(keys.device)
-                nearest = (keys @ bank_keys.T).topk(self.k, dim=1).indices
-                target = bank_probs[nearest].mean(1)
+                nearest = (keys @ self.keys[: self.filled].T).topk(self.k, dim=1).indices
+                target = self.probs[: self.filled][nearest].mean(1)
                 loss = -(p * target).sum(1).clamp_min(1e-8).log().mean()
             else:  # keeps the graph (and DDP's gradient hooks) the same as on later steps
                 loss = (p * 0.0).sum()
             self._add(keys, p.detach())
             return loss
 
-    def _bank(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self.keys.device != device:  # restored from a checkpoint on the CPU
-            self.keys, self.probs = self.keys.to(device), self.probs.to(device)
-        return self.keys[: self.filled], self.probs[: self.filled]
-
     def _add(self, keys: Tensor, probs: Tensor) -> None:
         if self.keys is None or self.keys.shape[1] != keys.shape[1] or self.probs.shape[1] != probs.shape[1]:
             self.keys = keys.new_zeros(self.bank_size, keys.shape[1])
             self.probs = probs.new_zeros(self.bank_size, probs.shape[1])
             self.filled = self.pointer = 0
-        self._bank(keys.device)
         keys, probs = keys[-self.bank_size:], probs[-self.bank_size:]
         rows = (self.pointer + torch.arange(len(keys), device=keys.device)) % self.bank_size
         self.keys[rows], self.probs[rows] = keys, probs
