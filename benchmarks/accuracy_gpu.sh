@@ -4,12 +4,13 @@
 #   bash benchmarks/accuracy_gpu.sh OUT_DIR [DATA_ROOT] [DEADLINE_S]
 #
 # These models are small enough that one process leaves the GPU idle between kernel launches, so several
-# processes share it well. First every teacher trains in a process of its own (one per setting, seed and task;
-# cached under $WORK, so a second call on the same machine skips them), then one process per (setting, seed)
-# runs the methods in $METHODS order and appends every finished run to OUT_DIR/runs.jsonl. Whatever is still
-# busy at DEADLINE_S seconds after the start is stopped, and what finished is summarised into
-# OUT_DIR/accuracy.json (the same contract as benchmarks/results/accuracy.json). Logs: OUT_DIR/log-*.txt.
-# SETTINGS, SEEDS, METHODS and EXTRA_ARGS (more accuracy.py flags) narrow or change the grid.
+# processes share it well. Each (setting, seed) is a chain: its teachers train at once, each in a process of its
+# own (cached under $WORK, so a second call on the same machine skips them), and as soon as they are done one
+# process runs the methods in $METHODS order and appends every finished run to OUT_DIR/runs.jsonl; a slow
+# teacher holds back only its own chain. Whatever is still busy at DEADLINE_S seconds after the start is
+# stopped, and what finished is summarised into OUT_DIR/accuracy.json (the same contract as
+# benchmarks/results/accuracy.json). Logs: OUT_DIR/log-*.txt. SETTINGS, SEEDS, METHODS and EXTRA_ARGS (more
+# accuracy.py flags) narrow or change the grid.
 set -u
 out=${1:?usage: accuracy_gpu.sh OUT_DIR [DATA_ROOT] [DEADLINE_S]}
 root=${2:-/usr/share/datasets/fashion-mnist}
@@ -19,27 +20,28 @@ python=${PYTHON:-python3}
 here=$(dirname "$0")
 work=${WORK:-/tmp/amalgam-bench-gpu}
 mkdir -p "$out"
-export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+# One thread each: a process spends its CPU time launching kernels, and many share the cores.
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 
 common=(--preset gpu --data-root "$root" --work "$work")
-for setting in ${SETTINGS:-S2 S3}; do
-  tasks="a b"; [ "$setting" = S3 ] && tasks="a b c"
-  for seed in ${SEEDS:-0 1 2}; do
-    for task in $tasks; do
-      # shellcheck disable=SC2086  # EXTRA_ARGS is a word list
-      timeout "$deadline" "$python" "$here/accuracy.py" "${common[@]}" --teachers-only --settings "$setting" \
-        --seeds "$seed" --tasks "$task" ${EXTRA_ARGS:-} >"$out/log-teacher-$setting-$seed-$task.txt" 2>&1 &
-    done
+chain() {  # setting seed: its teachers in parallel, then its students
+  local setting=$1 seed=$2 tasks="a b"
+  [ "$setting" = S3 ] && tasks="a b c"
+  for task in $tasks; do
+    # shellcheck disable=SC2086  # EXTRA_ARGS is a word list
+    timeout "$deadline" "$python" "$here/accuracy.py" "${common[@]}" --teachers-only --settings "$setting" \
+      --seeds "$seed" --tasks "$task" ${EXTRA_ARGS:-} >"$out/log-teacher-$setting-$seed-$task.txt" 2>&1 &
   done
-done
-wait
-left=$((deadline - SECONDS))
+  wait
+  local left=$((deadline - SECONDS))
+  # shellcheck disable=SC2086  # $methods and EXTRA_ARGS are word lists
+  timeout "$((left > 1 ? left : 1))" "$python" "$here/accuracy.py" "${common[@]}" --settings "$setting" \
+    --seeds "$seed" --methods $methods ${EXTRA_ARGS:-} --out "/tmp/accuracy-$setting-$seed.json" \
+    --runs-log "$out/runs.jsonl" >"$out/log-$setting-$seed.txt" 2>&1
+}
 for setting in ${SETTINGS:-S2 S3}; do
   for seed in ${SEEDS:-0 1 2}; do
-    # shellcheck disable=SC2086  # $methods and EXTRA_ARGS are word lists
-    timeout "$((left > 1 ? left : 1))" "$python" "$here/accuracy.py" "${common[@]}" --settings "$setting" \
-      --seeds "$seed" --methods $methods ${EXTRA_ARGS:-} --out "/tmp/accuracy-$setting-$seed.json" \
-      --runs-log "$out/runs.jsonl" >"$out/log-$setting-$seed.txt" 2>&1 &
+    chain "$setting" "$seed" &
   done
 done
 wait
