@@ -82,3 +82,16 @@ def test_module_args_reach_every_student_over_the_preset():
     assert plain.hparams.temperature == preset_temperature and plain.hparams.lr == 2e-3  # the preset's, the harness's
     assert changed.hparams.temperature == 8.0 and changed.hparams.lr == 0.01
     assert changed.loss_weights == plain.loss_weights
+
+
+def test_a_preset_s_channels_last_reaches_its_students_and_teachers(tmp_path):
+    preset = accuracy.PRESETS["cpu"] | {"channels_last": True, "root": accuracy.DEFAULT_ROOT, "teacher_epochs": 1,
+                                        "teacher_train_limit": 64}
+    teachers = [{"task": task, "classes": [f"{task}{i}" for i in range(len(ids))], "taps": ["pooled"], **family}
+                for (task, ids), family in zip(accuracy.SETTINGS["S2"].items(), preset["teachers"])]
+    student = accuracy.build_student("kd_slice", teachers, preset, seed=0)
+    assert student.hparams.channels_last
+    assert not accuracy.build_student("kd_slice", teachers, accuracy.PRESETS["cpu"], seed=0).hparams.channels_last
+    ckpt = accuracy.train_teacher("S2", "a", preset["teachers"][0], 0, preset, tmp_path)
+    assert accuracy.torch.load(ckpt, weights_only=False)["hyper_parameters"]["channels_last"]
+    assert accuracy.PRESETS["gpu"]["channels_last"]
