@@ -33,7 +33,7 @@ test-all: setup
 	$(PY) -m pytest -m ''
 
 lint: setup
-	$(PY) -m ruff check amalgam tests benchmarks
+	$(PY) -m ruff check amalgam tests benchmarks notebooks
 
 bench-throughput: setup
 	$(PY) benchmarks/throughput.py
