@@ -93,5 +93,5 @@ def test_a_preset_s_channels_last_reaches_its_students_and_teachers(tmp_path):
     assert student.hparams.channels_last
     assert not accuracy.build_student("kd_slice", teachers, accuracy.PRESETS["cpu"], seed=0).hparams.channels_last
     ckpt = accuracy.train_teacher("S2", "a", preset["teachers"][0], 0, preset, tmp_path)
-    assert accuracy.torch.load(ckpt, weights_only=False)["hyper_parameters"]["channels_last"]
+    assert accuracy.torch.load(ckpt, weights_only=True)["hyper_parameters"]["channels_last"]
     assert accuracy.PRESETS["gpu"]["channels_last"]
