@@ -92,7 +92,9 @@ class SoftTargetKD(nn.Module):
     ``mode="slice"``: one KL per teacher on that teacher's slice of the union, scaled by T^2; it never
     compares teachers that never saw each other's classes.
 
-    ``slices`` gives each teacher's ``(start, stop)`` in the union, in teacher order.
+    ``slices`` gives each teacher's ``(start, stop)`` in the union, in teacher order. In slice mode,
+    ``weights`` [B, teachers] may weigh each image's term per teacher (the batch mean is then a weighted mean:
+    sum of weight x KL over the batch size).
     """
 
     def __init__(self, mode: str = "concat", temperature: float = 1.0) -> None:
@@ -105,22 +107,27 @@ class SoftTargetKD(nn.Module):
         self.temperature = temperature
 
     def forward(self, student_logits: Tensor, teacher_logits: Sequence[Tensor],
-                slices: Sequence[tuple[int, int]]) -> Tensor:
+                slices: Sequence[tuple[int, int]], weights: Tensor | None = None) -> Tensor:
         t = self.temperature
         with torch.autocast(student_logits.device.type, enabled=False):
             s = student_logits.float()
             ts = [z.float() for z in teacher_logits]
             if self.mode == "concat":
-                return _kl(s, torch.cat(ts, dim=1), t) * t * t
+                if weights is not None:
+                    raise ValueError("per-teacher KD weights need mode='slice': concat has one term for all")
+                return _kl(s, torch.cat(ts, dim=1), t).mean() * t * t
             losses = [_kl(s[:, a:b], z, t) for (a, b), z in zip(slices, ts)]
-            return torch.stack(losses).sum() * t * t
+            per_image = torch.stack(losses, 1)  # [B, teachers]
+            if weights is not None:
+                per_image = per_image * weights.float()
+            return per_image.sum(1).mean() * t * t
 
 
 def _kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """KL(teacher || student) of the tempered softmaxes, averaged over the batch."""
+    """KL(teacher || student) of the tempered softmaxes, per image."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(1)
 
 
 class UnionPrior(nn.Module):
@@ -156,6 +163,11 @@ class SelfLabel(nn.Module):
     weak-view prediction is divided by the batch's mean prediction (and renormalised), so pseudo-labels stay
     balanced over the union classes instead of feeding back whichever slice already dominates.
 
+    Given the teachers' ``slices``, the pseudo-label is the task instead of the class: the aligned softmax is
+    summed per slice, and the strong view is trained on its own slice masses (log-sum-exp of each slice). The
+    teachers' soft targets alone then set the distribution inside each slice, and self-labelling only decides
+    which task an image belongs to, the one thing the teachers cannot say.
+
     Args:
         threshold: only images whose aligned pseudo-label probability reaches this count; the loss is
             averaged over the whole batch (masked images contribute zero), as in FixMatch.
@@ -167,16 +179,25 @@ class SelfLabel(nn.Module):
             raise ValueError(f"self-labelling threshold must be in [0, 1), got {threshold}")
         self.threshold = threshold
 
-    def forward(self, weak_logits: Tensor, strong_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (loss, fraction of the batch above the threshold)."""
+    def forward(self, weak_logits: Tensor, strong_logits: Tensor, slices: list[tuple[int, int]] | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """Returns (loss, fraction of the batch above the threshold). With ``slices`` (start, end) per task,
+        the labels are tasks (see the class notes)."""
         with torch.autocast(weak_logits.device.type, enabled=False):
             with torch.no_grad():
                 p = F.softmax(weak_logits.detach().float(), dim=1)
                 p = p / p.mean(0, keepdim=True).clamp_min(1e-12)
                 p = p / p.sum(1, keepdim=True)
+                if slices is not None:
+                    p = torch.stack([p[:, a:b].sum(1) for a, b in slices], 1)
                 confidence, labels = p.max(1)
                 mask = (confidence >= self.threshold).float()
-            loss = F.cross_entropy(strong_logits.float(), labels, reduction="none")
+            if slices is None:
+                loss = F.cross_entropy(strong_logits.float(), labels, reduction="none")
+            else:
+                log_p = F.log_softmax(strong_logits.float(), dim=1)
+                log_task = torch.stack([log_p[:, a:b].logsumexp(1) for a, b in slices], 1)
+                loss = F.nll_loss(log_task, labels, reduction="none")
             return (loss * mask).mean(), mask.mean()
 
 

@@ -68,6 +68,11 @@ class AmalgamationModule(L.LightningModule):
         kd: ``"concat"`` (paper: softmax over the concatenated teacher logits) or ``"slice"`` (one KL per
             teacher on its own slice; better task-agnostic accuracy).
         temperature: soft-target temperature (paper: 1).
+        kd_task_weighting: in ``kd: slice``, how much each teacher's soft-target term is weighted per image by
+            the student's own belief that the image is of that teacher's task (its union softmax summed over
+            the slice, detached, divided by the batch mean so that each teacher keeps its total weight).
+            0 = every teacher on every image (off); 1 = fully weighted: a teacher's opinion of images outside
+            its task then shapes the student less.
         loss_weights: weights of ``kd``, ``mmd`` and ``recon`` (paper: 1, 10, 10), and of the union-prior
             terms ``balance`` and ``entropy`` (``losses.UnionPrior``; 0 = off, the paper's method), and of
             ``selflabel`` (``losses.SelfLabel``: the student's confident union prediction trains a strongly
@@ -99,6 +104,8 @@ class AmalgamationModule(L.LightningModule):
             views kept. Pays off without random augmentation (data ``padding: 0``, ``flip: false``): epochs
             after the first then run no teacher at all.
         selflabel_threshold: confidence a pseudo-label needs to count in the ``selflabel`` term.
+        selflabel_target: what the ``selflabel`` term labels: ``"class"`` (the union class) or ``"task"`` (only
+            which teacher's slice the image belongs to; the soft targets keep the distribution inside it).
         teacher_flip_average: the teachers see each training view and its mirror image, and their logits and
             features are averaged (feature maps flipped back first): a two-view teacher ensemble gives the
             student cleaner targets. Only for images whose label survives a horizontal flip (not text or
@@ -115,6 +122,7 @@ class AmalgamationModule(L.LightningModule):
         block_depth: int = 2,
         kd: Literal["concat", "slice"] = "concat",
         temperature: float = 1.0,
+        kd_task_weighting: float = 0.0,
         loss_weights: dict[str, float] | None = None,
         mmd_bandwidths: list[float] | None = None,
         optimizer: OptimizerCallable | None = None,
@@ -133,6 +141,7 @@ class AmalgamationModule(L.LightningModule):
         teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         teacher_cache: bool | int = False,
         selflabel_threshold: float = 0.95,
+        selflabel_target: Literal["class", "task"] = "class",
         teacher_flip_average: bool = False,
         neighbour_bank_size: int = 4096,
         neighbour_k: int = 5,
@@ -175,9 +184,15 @@ class AmalgamationModule(L.LightningModule):
         uses_blocks = weights["mmd"] > 0 or weights["recon"] > 0
         self.blocks = self._build_blocks(block_width, block_depth) if uses_blocks else nn.ModuleList()
         self.kd_loss = SoftTargetKD(kd, temperature)
+        if not 0.0 <= kd_task_weighting <= 1.0:
+            raise ValueError(f"model.kd_task_weighting must be in [0, 1], got {kd_task_weighting}")
+        if kd_task_weighting and kd != "slice":
+            raise ValueError("model.kd_task_weighting weighs each teacher's term separately: it needs kd: slice")
         self.mmd_loss = MultiBandwidthMMD(mmd_bandwidths or PAPER_BANDWIDTHS)
         self.recon_loss = ReconstructionLoss()
         self.union_prior = UnionPrior()
+        if selflabel_target not in ("class", "task"):
+            raise ValueError(f"model.selflabel_target must be 'class' or 'task', got {selflabel_target!r}")
         self.self_label = SelfLabel(selflabel_threshold)
         # Built only when used: its bank is checkpointed state.
         untapped = [t.task for t in self._teachers if not t.net.tapper.taps]
@@ -279,7 +294,8 @@ class AmalgamationModule(L.LightningModule):
 
     def loss_terms(self, student: Features, teachers: list[Features], common: list[CommonFeatures]
                    ) -> dict[str, Tensor]:
-        terms = {"kd": self.kd_loss(student.logits, [t.logits for t in teachers], self.slices)}
+        weights = self.kd_task_weights(student.logits) if self.hparams.kd_task_weighting else None
+        terms = {"kd": self.kd_loss(student.logits, [t.logits for t in teachers], self.slices, weights)}
         if common:
             terms["mmd"] = sum(self.mmd_loss(c.student, c.teachers) for c in common)
             terms["recon"] = sum(self.recon_loss(c.reconstructions, c.targets) for c in common)
@@ -288,6 +304,14 @@ class AmalgamationModule(L.LightningModule):
         if self.neighbour_loss is not None:
             terms["neighbour"] = self.neighbour_loss(self.neighbour_keys(teachers), student.logits)
         return terms
+
+    @torch.no_grad()
+    def kd_task_weights(self, student_logits: Tensor) -> Tensor:
+        """[B, teachers] weights of the per-slice soft-target terms (see ``kd_task_weighting``)."""
+        p = F.softmax(student_logits.detach().float(), dim=1)
+        belief = torch.stack([p[:, a:b].sum(1) for a, b in self.slices], 1)
+        alpha = self.hparams.kd_task_weighting
+        return (1 - alpha) + alpha * belief / belief.mean(0, keepdim=True).clamp_min(1e-6)
 
     def neighbour_keys(self, teachers: list[Features]) -> Tensor:
         """Where the ``neighbour`` term looks for neighbours: each teacher's last tap (feature maps averaged
@@ -299,7 +323,8 @@ class AmalgamationModule(L.LightningModule):
 
     def self_label_term(self, images: Tensor, student: Features) -> Tensor:
         strong = self.student_outputs(strong_view(images))
-        loss, kept = self.self_label(student.logits, strong.logits)
+        slices = self.slices if self.hparams.selflabel_target == "task" else None
+        loss, kept = self.self_label(student.logits, strong.logits, slices)
         self.log("train/selflabel_kept", kept, on_step=False, on_epoch=True)
         return loss
 

@@ -87,6 +87,8 @@ METHODS = ["supervised", "kd_concat", "kd_slice", "cfl_paper", "amalgam"]
 # (Lightning's EMAWeightAveraging, time constant a tenth of the run's steps).
 ABLATIONS = {
     "amalgam+selflabel": {"loss_weights": {"selflabel": 1.0}},
+    "amalgam+selflabel_task": {"loss_weights": {"selflabel": 1.0}, "selflabel_target": "task"},
+    "amalgam+kd_task_weighting": {"kd_task_weighting": 1.0},
     "amalgam-no_cfl": {"loss_weights": {"mmd": 0.0, "recon": 0.0}},
     "amalgam-no_prior": {"loss_weights": {"balance": 0.0, "entropy": 0.0}},
     "amalgam-no_entropy": {"loss_weights": {"entropy": 0.0}},

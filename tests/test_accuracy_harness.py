@@ -54,6 +54,9 @@ def test_methods_are_the_library_presets_and_ablations_change_one_thing():
     assert flip == amalgam | {"teacher_flip_average": True}
     neighbour = accuracy.method_args("amalgam+neighbour")
     assert neighbour == amalgam | {"loss_weights": amalgam["loss_weights"] | {"neighbour": 1.0}}
+    task = accuracy.method_args("amalgam+selflabel_task")
+    assert task == accuracy.method_args("amalgam+selflabel") | {"selflabel_target": "task"}
+    assert accuracy.method_args("amalgam+kd_task_weighting") == amalgam | {"kd_task_weighting": 1.0}
     assert accuracy.method_args("kd_concat")["kd"] == "concat"
 
 

@@ -118,6 +118,25 @@ def test_kd_slice_sums_per_teacher_kl_scaled_by_t_squared():
     assert SoftTargetKD("concat")(matched, [t1, t2], [(0, 3), (3, 7)]).item() > 1.0
 
 
+def test_kd_slice_weights_each_image_and_teacher_against_a_per_row_reference():
+    g = torch.Generator().manual_seed(14)
+    s = torch.randn(6, 7, generator=g)
+    t1, t2 = torch.randn(6, 3, generator=g), torch.randn(6, 4, generator=g)
+    weights = torch.rand(6, 2, generator=g) * 2
+    kd = SoftTargetKD("slice", temperature=2.0)
+    expected = 4 * sum(w[0] * naive_kl(s[i:i + 1, :3], t1[i:i + 1], 2.0) + w[1] * naive_kl(s[i:i + 1, 3:], t2[i:i + 1], 2.0)
+                       for i, w in enumerate(weights.tolist())) / 6
+    assert kd(s, [t1, t2], [(0, 3), (3, 7)], weights).item() == pytest.approx(expected, rel=1e-5)
+    # All-ones weights are the unweighted loss; a zero column drops that teacher.
+    assert kd(s, [t1, t2], [(0, 3), (3, 7)], torch.ones(6, 2)).item() == pytest.approx(
+        kd(s, [t1, t2], [(0, 3), (3, 7)]).item(), rel=1e-6)
+    only_b = torch.tensor([[0.0, 1.0]]).repeat(6, 1)
+    assert kd(s, [t1, t2], [(0, 3), (3, 7)], only_b).item() == pytest.approx(4 * naive_kl(s[:, 3:], t2, 2.0),
+                                                                            rel=1e-5)
+    with pytest.raises(ValueError, match="slice"):
+        SoftTargetKD("concat")(s, [t1, t2], [(0, 3), (3, 7)], weights)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="concat"):
         SoftTargetKD("soft")
@@ -267,6 +286,64 @@ def test_self_label_is_float32_under_bf16_autocast():
     assert loss.item() == pytest.approx(ref.item(), rel=0.05)
 
 
+def naive_task_self_label(weak, strong, slices, threshold):
+    """Task-level self-labelling, one sample at a time, float64: aligned class probabilities summed per slice
+    give the label; the strong view's slice probability (a sum of its softmax) is trained."""
+    probs = [row.double().softmax(0) for row in weak]
+    mean = sum(probs) / len(probs)
+    total, labels, mask = 0.0, [], []
+    for p, s in zip(probs, strong):
+        aligned = p / mean
+        aligned = aligned / aligned.sum()
+        tasks = [aligned[a:b].sum().item() for a, b in slices]
+        label = max(range(len(tasks)), key=tasks.__getitem__)
+        keep = tasks[label] >= threshold
+        if keep:
+            a, b = slices[label]
+            total += -math.log(s.double().softmax(0)[a:b].sum().item())
+        labels.append(label)
+        mask.append(keep)
+    return total / len(probs), sum(mask) / len(mask), labels, mask
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.8, 0.95])
+def test_task_self_label_matches_a_per_sample_reference(threshold):
+    g = torch.Generator().manual_seed(12)
+    slices = [(0, 3), (3, 5), (5, 9)]
+    weak, strong = torch.randn(32, 9, generator=g) * 3, torch.randn(32, 9, generator=g) * 2
+    loss, kept = SelfLabel(threshold)(weak, strong, slices)
+    expected, expected_kept, _, mask = naive_task_self_label(weak, strong, slices, threshold)
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert kept.item() == pytest.approx(expected_kept)
+    if threshold == 0.8:  # the fixture really splits the batch
+        assert 0 < sum(mask) < len(mask)
+    # Summing per task makes a label more confident than any of its classes: never fewer images kept.
+    assert kept.item() >= SelfLabel(threshold)(weak, strong)[1].item()
+
+
+def test_task_self_label_leaves_the_distribution_inside_a_slice_free():
+    g = torch.Generator().manual_seed(13)
+    slices = [(0, 2), (2, 5)]
+    weak = torch.randn(16, 5, generator=g) * 3
+    strong = torch.randn(16, 5, generator=g).requires_grad_(True)
+    loss, _ = SelfLabel(0.0)(weak, strong, slices)
+    loss.backward()
+    # Moving logits inside one slice while keeping its log-sum-exp leaves every slice mass, so the loss, as is.
+    shifted = strong.detach().clone()
+    shifted[:, 2:5] += torch.tensor([1.0, -2.0, 0.5])
+    shifted[:, 2:5] += strong.detach()[:, 2:5].logsumexp(1, keepdim=True) - shifted[:, 2:5].logsumexp(1, keepdim=True)
+    assert SelfLabel(0.0)(weak, shifted, slices)[0].item() == pytest.approx(loss.item(), rel=1e-5)
+    # The class-level term does not have that freedom.
+    assert SelfLabel(0.0)(weak, shifted)[0].item() != pytest.approx(SelfLabel(0.0)(weak, strong.detach())[0].item(),
+                                                                  rel=1e-3)
+    # Within a slice the gradient is proportional to the strong view's own probabilities: it scales the slice,
+    # it does not reshape it.
+    p = strong.detach().softmax(1)
+    for a, b in slices:
+        ratio = strong.grad[:, a:b] / p[:, a:b]
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("threshold", [-0.1, 1.0, 1.5, float("nan")])
 def test_self_label_threshold_outside_unit_interval_is_refused(threshold):
     with pytest.raises(ValueError, match="threshold"):
@@ -348,6 +425,51 @@ def test_selflabel_off_by_default_costs_no_extra_student_pass():
     assert module.self_label.threshold == 0.95
     _, seen, passes = watch_step(module.train(), torch.rand(8, 3, SIZE, SIZE))
     assert len(passes) == 2 and "selflabel" in seen["terms"]
+
+
+def test_selflabel_target_task_labels_the_teachers_slices():
+    module = tiny_module(loss_weights={"selflabel": 1.0}, selflabel_threshold=0.0, selflabel_target="task")
+    torch.manual_seed(1)
+    _, seen, passes = watch_step(module.train(), torch.rand(8, 3, SIZE, SIZE))
+    assert len(passes) == 2
+    weak_out, strong_out = seen["outputs"]
+    expected, _ = SelfLabel(0.0)(weak_out.logits.detach(), strong_out.logits.detach(), module.slices)
+    assert seen["terms"]["selflabel"].item() == pytest.approx(expected.item(), rel=1e-5)
+    by_class, _ = SelfLabel(0.0)(weak_out.logits.detach(), strong_out.logits.detach())
+    assert seen["terms"]["selflabel"].item() != pytest.approx(by_class.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="selflabel_target"):
+        tiny_module(selflabel_target="slice")
+
+
+def test_kd_task_weighting_follows_the_student_s_own_slice_mass():
+    kd = dict(kd="slice", temperature=2.0)
+    module = tiny_module(kd_task_weighting=1.0, **kd)
+    # Image 0 sits in slice a, image 1 in slice b, image 2 is undecided.
+    logits = torch.full((3, module.num_classes), -10.0)
+    a, b = module.slices
+    logits[0, a[0]] = logits[1, b[0]] = 10.0
+    logits[2] = 0.0
+    weights = module.kd_task_weights(logits.requires_grad_(True))
+    assert not weights.requires_grad
+    torch.testing.assert_close(weights.mean(0), torch.ones(2))  # each teacher keeps its total weight
+    assert weights[0, 0] > 1 > weights[0, 1] and weights[1, 1] > 1 > weights[1, 0]
+    mass = logits.detach().softmax(1)
+    belief = torch.stack([mass[:, a[0]:a[1]].sum(1), mass[:, b[0]:b[1]].sum(1)], 1)
+    torch.testing.assert_close(weights, belief / belief.mean(0))
+    half = tiny_module(kd_task_weighting=0.5, **kd).kd_task_weights(logits)
+    torch.testing.assert_close(half, 0.5 + 0.5 * weights)
+    # In the step: the kd term is the weighted one; off, it is the plain one.
+    torch.manual_seed(1)
+    _, seen, _ = watch_step(module.train(), torch.rand(8, 3, SIZE, SIZE))
+    assert "kd" in seen["terms"]
+    plain = tiny_module(**kd)
+    torch.manual_seed(1)
+    _, seen_plain, _ = watch_step(plain.train(), torch.rand(8, 3, SIZE, SIZE))
+    assert seen["terms"]["kd"].item() != pytest.approx(seen_plain["terms"]["kd"].item(), rel=1e-4)
+    for bad, match in (({"kd_task_weighting": 1.5, **kd}, "kd_task_weighting"),
+                       ({"kd_task_weighting": 1.0, "kd": "concat"}, "kd: slice")):
+        with pytest.raises(ValueError, match=match):
+            tiny_module(**bad)
 
 
 def test_selflabel_threshold_is_checked_when_the_module_is_built():
