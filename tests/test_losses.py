@@ -166,18 +166,23 @@ def test_union_prior_terms_match_definitions():
 # ---------------------------------------------------------------- self-labelling
 
 
-def naive_self_label(weak, strong, threshold):
-    """FixMatch with distribution alignment, one sample at a time, float64: (loss, kept fraction, labels, mask)."""
+def naive_self_label(weak, strong, threshold, slices=None):
+    """FixMatch with distribution alignment, one sample at a time, float64: (loss, kept fraction, labels, mask).
+    With slices, the labels are tasks: aligned probabilities summed per slice give the label, and the strong
+    view's slice probability (a sum of its softmax) is trained."""
+    groups = slices or [(k, k + 1) for k in range(weak.shape[1])]
     probs = [row.double().softmax(0) for row in weak]
     mean = sum(probs) / len(probs)
     total, labels, mask = 0.0, [], []
     for p, s in zip(probs, strong):
         aligned = p / mean
         aligned = aligned / aligned.sum()
-        label = int(aligned.argmax())
-        keep = aligned[label].item() >= threshold
+        scores = [aligned[a:b].sum().item() for a, b in groups]
+        label = max(range(len(scores)), key=scores.__getitem__)
+        keep = scores[label] >= threshold
         if keep:
-            total += -s.double().log_softmax(0)[label].item()
+            a, b = groups[label]
+            total += -math.log(s.double().softmax(0)[a:b].sum().item())
         labels.append(label)
         mask.append(keep)
     return total / len(probs), sum(mask) / len(mask), torch.tensor(labels), torch.tensor(mask)
@@ -286,33 +291,13 @@ def test_self_label_is_float32_under_bf16_autocast():
     assert loss.item() == pytest.approx(ref.item(), rel=0.05)
 
 
-def naive_task_self_label(weak, strong, slices, threshold):
-    """Task-level self-labelling, one sample at a time, float64: aligned class probabilities summed per slice
-    give the label; the strong view's slice probability (a sum of its softmax) is trained."""
-    probs = [row.double().softmax(0) for row in weak]
-    mean = sum(probs) / len(probs)
-    total, labels, mask = 0.0, [], []
-    for p, s in zip(probs, strong):
-        aligned = p / mean
-        aligned = aligned / aligned.sum()
-        tasks = [aligned[a:b].sum().item() for a, b in slices]
-        label = max(range(len(tasks)), key=tasks.__getitem__)
-        keep = tasks[label] >= threshold
-        if keep:
-            a, b = slices[label]
-            total += -math.log(s.double().softmax(0)[a:b].sum().item())
-        labels.append(label)
-        mask.append(keep)
-    return total / len(probs), sum(mask) / len(mask), labels, mask
-
-
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 0.8, 0.95])
 def test_task_self_label_matches_a_per_sample_reference(threshold):
     g = torch.Generator().manual_seed(12)
     slices = [(0, 3), (3, 5), (5, 9)]
     weak, strong = torch.randn(32, 9, generator=g) * 3, torch.randn(32, 9, generator=g) * 2
     loss, kept = SelfLabel(threshold)(weak, strong, slices)
-    expected, expected_kept, _, mask = naive_task_self_label(weak, strong, slices, threshold)
+    expected, expected_kept, _, mask = naive_self_label(weak, strong, threshold, slices)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert kept.item() == pytest.approx(expected_kept)
     if threshold == 0.8:  # the fixture really splits the batch
