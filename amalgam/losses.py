@@ -20,6 +20,11 @@ def _fp32(x: Tensor) -> Tensor:
     return x.float().flatten(1)
 
 
+def slice_mass(probs: Tensor, slices: Sequence[tuple[int, int]]) -> Tensor:
+    """Union probabilities [B, K] -> each task's share [B, tasks]: the sum over its ``(start, stop)`` slice."""
+    return torch.stack([probs[:, a:b].sum(1) for a, b in slices], 1)
+
+
 class MultiBandwidthMMD(nn.Module):
     """Sum over teachers of the biased multi-kernel Gaussian MMD^2 between student and teacher features.
 
@@ -189,7 +194,7 @@ class SelfLabel(nn.Module):
                 p = p / p.mean(0, keepdim=True).clamp_min(1e-12)
                 p = p / p.sum(1, keepdim=True)
                 if slices is not None:
-                    p = torch.stack([p[:, a:b].sum(1) for a, b in slices], 1)
+                    p = slice_mass(p, slices)
                 confidence, labels = p.max(1)
                 mask = (confidence >= self.threshold).float()
             if slices is None:

@@ -28,6 +28,7 @@ from amalgam.losses import (
     SelfLabel,
     SoftTargetKD,
     UnionPrior,
+    slice_mass,
 )
 from amalgam.teacher import Teacher, TeacherConfig
 from amalgam.teacher_cache import TeacherCache
@@ -308,8 +309,7 @@ class AmalgamationModule(L.LightningModule):
     @torch.no_grad()
     def kd_task_weights(self, student_logits: Tensor) -> Tensor:
         """[B, teachers] weights of the per-slice soft-target terms (see ``kd_task_weighting``)."""
-        p = F.softmax(student_logits.detach().float(), dim=1)
-        belief = torch.stack([p[:, a:b].sum(1) for a, b in self.slices], 1)
+        belief = slice_mass(F.softmax(student_logits.detach().float(), dim=1), self.slices)
         alpha = self.hparams.kd_task_weighting
         return (1 - alpha) + alpha * belief / belief.mean(0, keepdim=True).clamp_min(1e-6)
 

@@ -40,6 +40,8 @@ from sklearn.cluster import KMeans
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy as A  # the harness: its teachers, student and data
 
+from amalgam.losses import slice_mass  # importable once the harness has put the repo on the path
+
 
 def gate_scores(pool_scores: torch.Tensor, pool_labels: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
                 classes: int, expected_per_class: float) -> torch.Tensor:
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                               enumerate(model.slices[t] for t in task.tolist())])
         return (picked == y).float().mean().item()
 
-    mass = torch.stack([student.softmax(1)[:, a:b].sum(1) for a, b in model.slices], 1)
+    mass = slice_mass(student.softmax(1), model.slices)
     print(f"\n{args.setting} seed {args.seed}: task accuracy / task-agnostic accuracy on {len(y)} test images")
     print(f"student (argmax of slice mass)       {(mass.argmax(1) == true_task).float().mean():.4f} / "
           f"{union_accuracy(mass.argmax(1)):.4f} (raw argmax {(student.argmax(1) == y).float().mean():.4f})")
