@@ -11,6 +11,12 @@
 # stopped, and what finished is summarised into OUT_DIR/accuracy.json (the same contract as
 # benchmarks/results/accuracy.json). Logs: OUT_DIR/log-*.txt. SETTINGS, SEEDS, METHODS and EXTRA_ARGS (more
 # accuracy.py flags) narrow or change the grid.
+#
+# METHODS may hold lanes separated by '|': each lane of a chain is a process of its own, its methods in order, so
+# METHODS="kd_slice cfl_paper|amalgam+selflabel" runs two students of each chain at once and puts cfl_paper last.
+# MPS=1 starts CUDA's Multi-Process Service first, so that the processes' small kernels run side by side instead
+# of taking turns on the GPU; if the daemon does not start or a CUDA context fails under it, the grid runs
+# without it (the log says which).
 set -u
 out=${1:?usage: accuracy_gpu.sh OUT_DIR [DATA_ROOT] [DEADLINE_S]}
 root=${2:-/usr/share/datasets/fashion-mnist}
@@ -24,6 +30,14 @@ mkdir -p "$out"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 
 common=(--preset gpu --data-root "$root" --work "$work")
+if [ "${MPS:-0}" = 1 ]; then
+  if nvidia-cuda-mps-control -d && timeout 60 "$python" -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+    echo "[accuracy_gpu] MPS on"
+  else
+    echo quit | nvidia-cuda-mps-control 2>/dev/null
+    echo "[accuracy_gpu] MPS did not start; running without it"
+  fi
+fi
 chain() {  # setting seed: its teachers in parallel, then its students
   local setting=$1 seed=$2 tasks="a b"
   [ "$setting" = S3 ] && tasks="a b c"
@@ -33,11 +47,16 @@ chain() {  # setting seed: its teachers in parallel, then its students
       --seeds "$seed" --tasks "$task" ${EXTRA_ARGS:-} >"$out/log-teacher-$setting-$seed-$task.txt" 2>&1 &
   done
   wait
-  local left=$((deadline - SECONDS))
-  # shellcheck disable=SC2086  # $methods and EXTRA_ARGS are word lists
-  timeout "$((left > 1 ? left : 1))" "$python" "$here/accuracy.py" "${common[@]}" --settings "$setting" \
-    --seeds "$seed" --methods $methods ${EXTRA_ARGS:-} --out "/tmp/accuracy-$setting-$seed.json" \
-    --runs-log "$out/runs.jsonl" >"$out/log-$setting-$seed.txt" 2>&1
+  local left=$((deadline - SECONDS)) lane=0 lanes lane_methods
+  IFS='|' read -ra lanes <<<"$methods"
+  for lane_methods in "${lanes[@]}"; do
+    lane=$((lane + 1))
+    # shellcheck disable=SC2086  # $lane_methods and EXTRA_ARGS are word lists
+    timeout "$((left > 1 ? left : 1))" "$python" "$here/accuracy.py" "${common[@]}" --settings "$setting" \
+      --seeds "$seed" --methods $lane_methods ${EXTRA_ARGS:-} --out "/tmp/accuracy-$setting-$seed-$lane.json" \
+      --runs-log "$out/runs.jsonl" >"$out/log-$setting-$seed-$lane.txt" 2>&1 &
+  done
+  wait
 }
 for setting in ${SETTINGS:-S2 S3}; do
   for seed in ${SEEDS:-0 1 2}; do
@@ -45,6 +64,7 @@ for setting in ${SETTINGS:-S2 S3}; do
   done
 done
 wait
+[ "${MPS:-0}" = 1 ] && echo quit | nvidia-cuda-mps-control 2>/dev/null
 if [ -s "$out/runs.jsonl" ]; then
   "$python" "$here/accuracy.py" --from-runs "$out/runs.jsonl" --out "$out/accuracy.json"
 else

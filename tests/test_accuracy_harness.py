@@ -2,6 +2,7 @@
 
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,3 +99,24 @@ def test_a_preset_s_channels_last_reaches_its_students_and_teachers(tmp_path):
     ckpt = accuracy.train_teacher("S2", "a", preset["teachers"][0], 0, preset, tmp_path)
     assert accuracy.torch.load(ckpt, weights_only=True)["hyper_parameters"]["channels_last"]
     assert accuracy.PRESETS["gpu"]["channels_last"]
+
+
+def test_gpu_driver_trains_teachers_per_task_then_one_process_per_lane(tmp_path):
+    """benchmarks/accuracy_gpu.sh with a stand-in interpreter that records its arguments and logs a run."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\nprev=\nfor a in "$@"; do\n'
+                    '  [ "$prev" = --runs-log ] && echo "$RUN" >> "$a"; prev=$a\ndone\n')
+    fake.chmod(0o755)
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "CALLS": str(calls),
+           "RUN": json.dumps(RUNS[0]), "SETTINGS": "S3", "SEEDS": "0 1",
+           "METHODS": "kd_slice cfl_paper|amalgam+selflabel"}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_gpu.sh"
+    subprocess.run(["bash", str(script), str(out), "data", "60"], env=env, check=True, capture_output=True)
+    lines = calls.read_text().splitlines()
+    teachers = [line for line in lines if "--teachers-only" in line]
+    assert sorted(line.split("--tasks ")[1] for line in teachers) == ["a", "a", "b", "b", "c", "c"]
+    students = sorted(line.split("--methods ")[1].split(" --out")[0] for line in lines if "--methods" in line)
+    assert students == ["amalgam+selflabel", "amalgam+selflabel", "kd_slice cfl_paper", "kd_slice cfl_paper"]
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 4  # every lane appended its run
+    assert any("--from-runs" in line for line in lines)
