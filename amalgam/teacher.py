@@ -71,5 +71,7 @@ class Teacher(L.LightningModule):
             out = self.net(images.to(weight.dtype) if low_precision else images)
         # Inference tensors cannot enter autograd (the adapters and the KD target need them): one cheap copy,
         # in float32 for a teacher held in bf16/fp16 (model.teacher_dtype) so the adapters see their own dtype.
-        copy = (lambda t: t.float()) if low_precision else (lambda t: t.clone())
+        # Always a copy: under CUDA autocast some outputs are float32 already (layer norm), and .float() would
+        # hand back the inference tensor itself.
+        copy = (lambda t: t.to(torch.float32, copy=True)) if low_precision else (lambda t: t.clone())
         return Features([copy(t) for t in out.taps], copy(out.logits))

@@ -353,6 +353,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "load_average_start": common.load_average(),
               "bf16_matmul_tflops": common.bf16_matmul_tflops(args.device), "rows": []}
     ceiling = result["bf16_matmul_tflops"]
+    if ceiling:
+        print(f"bf16 matmul ceiling: {ceiling} TFLOP/s", flush=True)
+    out = args.out or RESULTS / f"throughput-{result['device']}.json"
+    kept = json.loads(out.read_text())["rows"] if args.merge and out.exists() else []
+
+    def save() -> None:  # after every row, so a case that fails or a run that is stopped keeps what finished
+        new = {(r["case"], r["batch"]) for r in result["rows"]}
+        rows = sorted([r for r in kept if (r["case"], r["batch"]) not in new] + result["rows"],
+                      key=lambda r: (r["case"], r["batch"]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result | {"rows": rows}, indent=1) + "\n")
+
     for case in args.cases:
         for batch in args.batch or CASES[case].batches:
             load = common.load_average()
@@ -362,15 +374,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.device.type == "cpu" and not args.no_memory:
                 row |= memory_probes(args, case, batch, _without(argv, ("--cases", "--batch", "--out")))
             result["rows"].append(row)
+            save()
             print(table([row]).splitlines()[-1], flush=True)
     result["load_average_end"] = common.load_average()
-    out = args.out or RESULTS / f"throughput-{result['device']}.json"
-    if args.merge and out.exists():
-        new = {(r["case"], r["batch"]) for r in result["rows"]}
-        old = [r for r in json.loads(out.read_text())["rows"] if (r["case"], r["batch"]) not in new]
-        result["rows"] = sorted(old + result["rows"], key=lambda r: (r["case"], r["batch"]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    save()
     print(f"\n{result['device_name']}, torch {torch.__version__}, {result['threads']} threads, load average "
           f"{result['load_average_start']} -> {result['load_average_end']}\n{table(result['rows'])}\nwrote {out}")
     return result

@@ -15,7 +15,7 @@ from conftest import SIZE, amalgam_config, student, teacher
 from safetensors.torch import save_file
 
 from amalgam import AmalgamationModule, Teacher
-from amalgam.backbones import TappedNetwork
+from amalgam.backbones import Features, TappedNetwork
 from amalgam.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +119,19 @@ def test_bf16_teachers_hand_float32_features_close_to_float32_teachers(tmp_path,
     assert "val/a/acc" in cli.trainer.callback_metrics
     with pytest.raises(ValueError, match="teacher_dtype must be one of"):
         AmalgamationModule(teachers, student(), teacher_dtype="int8")
+
+
+def test_bf16_teacher_outputs_that_are_float32_already_are_still_copied_out_of_inference_mode():
+    # Under CUDA autocast a bf16 teacher's layer norms return float32; those must not reach autograd as
+    # inference tensors (a reconstruction loss would fail to save them for backward).
+    t = Teacher(**teacher("b", "vit")).to(torch.bfloat16)
+    t.net.register_forward_hook(lambda module, args, out: Features([x.float() for x in out.taps], out.logits.float()))
+    feats = t(torch.rand(2, 3, SIZE, SIZE))
+    assert not any(x.is_inference() for x in [*feats.taps, feats.logits])
+    target = feats.taps[0]
+    recon = torch.zeros_like(target, requires_grad=True)
+    torch.nn.functional.mse_loss(recon, target).backward()  # what ReconstructionLoss does
+    assert recon.grad is not None
 
 
 @pytest.mark.parametrize("tap", ["map", "pooled"])

@@ -122,6 +122,25 @@ def test_throughput_runs_end_to_end_and_writes_the_contract(tmp_path):
     assert "| tiny | 8 |" in run.stdout
 
 
+def test_throughput_keeps_finished_rows_when_a_later_case_fails(tmp_path, monkeypatch):
+    import throughput
+
+    row = {"case": "tiny", "batch": 8, "ref_img_s": 1.0, "amalgam_img_s": 2.0, "ratio": 2.0, "flops_per_img": 1.0,
+           "mfu": None} | dict.fromkeys(["peak_mem_gib", "ref_peak_mem_gib", "step_mem_gib", "ref_step_mem_gib"])
+
+    def measure(args, case, batch):
+        if case != "tiny":
+            raise RuntimeError(f"case {case}: step failed")
+        return dict(row)
+
+    monkeypatch.setattr(throughput, "measure", measure)
+    out = tmp_path / "throughput.json"
+    with pytest.raises(RuntimeError, match="case c"):
+        throughput.main(["--cases", "tiny,c", "--no-memory", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["case"] == "tiny" and row["amalgam_img_s"] == 2.0
+
+
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")  # pytest's own argv is not ours
 @pytest.mark.parametrize("preset", ["single_gpu_bf16", "ddp_node", "ddp_multinode"])
 def test_gpu_presets_parse_on_top_of_a_run_config(preset, capsys):
