@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from amalgam.backbones import Features, Tap, TappedNetwork
 from amalgam.checkpointing import seed_training_batch
 from amalgam.common_feature import CommonFeatureBlock, CommonFeatures
-from amalgam.data.augment import strong_view
+from amalgam.data.augment import mix_images, strong_view
 from amalgam.losses import (
     PAPER_BANDWIDTHS,
     MultiBandwidthMMD,
@@ -111,6 +111,10 @@ class AmalgamationModule(L.LightningModule):
             features are averaged (feature maps flipped back first): a two-view teacher ensemble gives the
             student cleaner targets. Only for images whose label survives a horizontal flip (not text or
             digits). The teachers run once on the doubled batch.
+        mixup_alpha: above 0, every training image is blended with another image of its batch
+            (``amalgam.data.augment.mix_images``, blend weight ~ Beta(alpha, alpha) per image), and teachers and
+            student all see the blend: the teachers then label points between images ("function matching").
+            Blends never repeat, so a teacher cache only misses.
         neighbour_bank_size: recent training images the ``neighbour`` term searches for neighbours.
         neighbour_k: neighbours per image in the ``neighbour`` term.
     """
@@ -144,6 +148,7 @@ class AmalgamationModule(L.LightningModule):
         selflabel_threshold: float = 0.95,
         selflabel_target: Literal["class", "task"] = "class",
         teacher_flip_average: bool = False,
+        mixup_alpha: float = 0.0,
         neighbour_bank_size: int = 4096,
         neighbour_k: int = 5,
     ) -> None:
@@ -192,6 +197,8 @@ class AmalgamationModule(L.LightningModule):
         self.mmd_loss = MultiBandwidthMMD(mmd_bandwidths or PAPER_BANDWIDTHS)
         self.recon_loss = ReconstructionLoss()
         self.union_prior = UnionPrior()
+        if mixup_alpha < 0:
+            raise ValueError(f"model.mixup_alpha must be >= 0 (0 turns mixup off), got {mixup_alpha}")
         if selflabel_target not in ("class", "task"):
             raise ValueError(f"model.selflabel_target must be 'class' or 'task', got {selflabel_target!r}")
         self.self_label = SelfLabel(selflabel_threshold)
@@ -344,6 +351,8 @@ class AmalgamationModule(L.LightningModule):
             self.log("data/skipped", float(datamodule.skipped_total), on_step=True, on_epoch=False)
         if images.shape[0] < 2:  # unreadable files left < 2 images; BatchNorm and MMD need 2: skip the step
             return None
+        if self.hparams.mixup_alpha:
+            images = mix_images(images, self.hparams.mixup_alpha)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         teachers = self.teacher_outputs(images)

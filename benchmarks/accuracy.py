@@ -93,6 +93,7 @@ ABLATIONS = {
     "amalgam-no_prior": {"loss_weights": {"balance": 0.0, "entropy": 0.0}},
     "amalgam-no_entropy": {"loss_weights": {"entropy": 0.0}},
     "amalgam+teacher_flip": {"teacher_flip_average": True},
+    "amalgam+mixup": {"mixup_alpha": 1.0},
     "amalgam+neighbour": {"loss_weights": {"neighbour": 1.0}},
     "amalgam+ema": {},
 }

@@ -23,7 +23,7 @@ from amalgam.data import (
     random_crop_flip,
     scan_images,
 )
-from amalgam.data.augment import crop_flip, sample_crop_flip, strong_view, to_float
+from amalgam.data.augment import crop_flip, mix_images, sample_crop_flip, strong_view, to_float
 from amalgam.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 from amalgam.data.idx import read_idx
 from amalgam.data.image_files import BadImageError, SkipCounted, decode_rgb, load_image
@@ -585,3 +585,36 @@ def test_strong_view_reproduces_under_a_seed_and_differs_between_draws():
     # Each sample draws its own shift, flip and hole: one image repeated gives different views.
     repeated = strong_view(images[:1].expand(32, -1, -1, -1))
     assert len({view.numpy().tobytes() for view in repeated}) > 10
+
+
+# ---------------------------------------------------------------- mixup without labels (function matching)
+
+def test_mix_images_blends_each_image_with_one_partner_by_one_weight():
+    # Image k is the constant k + 1 on its first pixel and 0 elsewhere: then out[i] = lam_i * (i + 1) at that
+    # pixel plus (1 - lam_i) * (j + 1) at the partner's, and every other pixel stays 0.
+    batch = 64
+    images = torch.zeros(batch, 1, 1, batch)
+    images[torch.arange(batch), 0, 0, torch.arange(batch)] = torch.arange(1.0, batch + 1)
+    before = images.clone()
+    torch.manual_seed(0)
+    out = mix_images(images, 0.4)
+    assert torch.equal(images, before) and out.shape == images.shape and out.dtype == images.dtype
+    weights = out[:, 0, 0] / torch.arange(1.0, batch + 1)  # [image, source]: the share each source got
+    own, partner = weights.diagonal(), weights.clone().fill_diagonal_(0)
+    mixed, partners = partner.sum(1) > 1e-6, partner.argmax(1)
+    assert len(set(partners[mixed].tolist())) == int(mixed.sum()), "two images share a partner: no permutation"
+    # The two shares add to one (an image mixed with itself gets all of it), each share in [0, 1].
+    torch.testing.assert_close(own + partner.sum(1), torch.ones(batch))
+    assert ((own >= 0) & (own <= 1)).all() and (partner > 0).sum(1).max() <= 1
+    # Beta(0.4, 0.4) is U-shaped: most weights near 0 or 1, and they differ between images.
+    assert ((own < 0.2) | (own > 0.8)).float().mean() > 0.5 and own.std() > 0.2
+
+
+def test_mix_images_follows_the_seed_and_rejects_a_bad_alpha():
+    images = torch.rand(8, 3, 6, 6)
+    torch.manual_seed(3)
+    first = mix_images(images, 1.0)
+    torch.manual_seed(3)
+    torch.testing.assert_close(mix_images(images, 1.0), first)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        mix_images(images, 0.0)

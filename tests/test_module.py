@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from amalgam import AmalgamationModule, Teacher
 from amalgam.backbones import Features, TappedNetwork
 from amalgam.cli import main
+from amalgam.data.augment import mix_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,6 +153,31 @@ def test_teacher_flip_average_is_the_mean_of_a_view_and_its_mirror(tmp_path, ima
         torch.testing.assert_close(unflip(out_mirror.taps[0]), out.taps[0])
     assert not torch.allclose(averaged[0].logits, module.teachers[0](images).logits)
     cfg = amalgam_config(tmp_path, image_tree, teachers, student(tap=tap), model_args={"teacher_flip_average": True},
+                         trainer={"max_steps": 2, "limit_val_batches": 0})
+    cli = main(["--config", str(cfg)], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_mixup_feeds_teachers_and_student_the_same_blend(tmp_path, image_tree):
+    teachers = [teacher("a", "resnet"), teacher("b", "vit")]
+    module = AmalgamationModule(teachers, student(), mixup_alpha=1.0)
+    seen = {}
+    for name in ("teacher_outputs", "student_outputs"):
+        def record(images, name=name, original=getattr(module, name)):
+            seen[name] = images
+            return original(images)
+        setattr(module, name, record)
+    images = torch.rand(6, 3, SIZE, SIZE)
+    torch.manual_seed(0)
+    assert torch.isfinite(module.training_step(images, 0))
+    assert torch.equal(seen["teacher_outputs"], seen["student_outputs"])
+    assert not torch.allclose(seen["student_outputs"], images)
+    torch.manual_seed(0)  # the blend the step drew, drawn again
+    torch.testing.assert_close(seen["student_outputs"], mix_images(images, 1.0))
+    with pytest.raises(ValueError, match="mixup_alpha must be >= 0"):
+        AmalgamationModule(teachers, student(), mixup_alpha=-1.0)
+    cfg = amalgam_config(tmp_path, image_tree, teachers, student(), model_args={"mixup_alpha": 0.5},
                          trainer={"max_steps": 2, "limit_val_batches": 0})
     cli = main(["--config", str(cfg)], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -91,3 +91,18 @@ def strong_view(images: Tensor, shift: int = 4, cutout: float = 0.5) -> Tensor:
     in_cols = (cols[None] - centre[:, 1:]).abs() <= half_w
     hole = in_rows[:, :, None] & in_cols[:, None, :]  # [B, H, W]
     return out.masked_fill(hole[:, None], 0.0)
+
+
+def mix_images(images: Tensor, alpha: float) -> Tensor:
+    """Mixup without labels: each image of [B, C, H, W] blended with another of the batch (a random
+    permutation), ``lam * x + (1 - lam) * x_other`` with ``lam ~ Beta(alpha, alpha)`` per image. Teachers and
+    student then see the same blend, so the teachers label points between images that clean views never reach
+    ("function matching"). Draws from torch's global RNG, which the training loop seeds per batch."""
+    if alpha <= 0:
+        raise ValueError(f"mixup alpha must be > 0, got {alpha}")
+    batch = images.shape[0]
+    concentration = torch.tensor(float(alpha))
+    lam = torch.distributions.Beta(concentration, concentration).sample((batch,)).to(images.device, images.dtype)
+    partner = torch.randperm(batch).to(images.device)
+    lam = lam.view(batch, *([1] * (images.ndim - 1)))
+    return lam * images + (1 - lam) * images[partner]
