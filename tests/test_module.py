@@ -163,11 +163,17 @@ def test_mixup_feeds_teachers_and_student_the_same_blend(tmp_path, image_tree):
     teachers = [teacher("a", "resnet"), teacher("b", "vit")]
     module = AmalgamationModule(teachers, student(), mixup_alpha=1.0)
     seen = {}
-    for name in ("teacher_outputs", "student_outputs"):
-        def record(images, name=name, original=getattr(module, name)):
+
+    def recording(name):
+        original = getattr(module, name)
+
+        def record(images):
             seen[name] = images
             return original(images)
-        setattr(module, name, record)
+        return record
+
+    for name in ("teacher_outputs", "student_outputs"):
+        setattr(module, name, recording(name))
     images = torch.rand(6, 3, SIZE, SIZE)
     torch.manual_seed(0)
     assert torch.isfinite(module.training_step(images, 0))
