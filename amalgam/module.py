@@ -20,6 +20,7 @@ from amalgam.backbones import Features, Tap, TappedNetwork
 from amalgam.checkpointing import seed_training_batch
 from amalgam.common_feature import CommonFeatureBlock, CommonFeatures
 from amalgam.data.augment import mix_images, strong_view
+from amalgam.export import Student, load_student
 from amalgam.losses import (
     PAPER_BANDWIDTHS,
     MultiBandwidthMMD,
@@ -37,7 +38,7 @@ TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 # The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy), self-labelling and
 # neighbour consistency are ours, off by default.
 DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0, "balance": 0.0, "entropy": 0.0, "selflabel": 0.0,
-                   "neighbour": 0.0}
+                   "neighbour": 0.0, "union_kd": 0.0}
 
 
 class StudentConfig(TypedDict):
@@ -115,6 +116,10 @@ class AmalgamationModule(L.LightningModule):
             (``amalgam.data.augment.mix_images``, blend weight ~ Beta(alpha, alpha) per image), and teachers and
             student all see the blend: the teachers then label points between images ("function matching").
             Blends never repeat, so a teacher cache only misses.
+        union_teacher: a student trained earlier on the same tasks and classes, as written by ``python -m amalgam
+            export``. With loss weight ``union_kd`` this student also imitates its softmax over the whole union
+            at ``temperature`` ("born-again" self-distillation): the earlier student's choice between tasks,
+            which no teacher gives, becomes a soft target.
         neighbour_bank_size: recent training images the ``neighbour`` term searches for neighbours.
         neighbour_k: neighbours per image in the ``neighbour`` term.
     """
@@ -149,6 +154,7 @@ class AmalgamationModule(L.LightningModule):
         selflabel_target: Literal["class", "task"] = "class",
         teacher_flip_average: bool = False,
         mixup_alpha: float = 0.0,
+        union_teacher: str | None = None,
         neighbour_bank_size: int = 4096,
         neighbour_k: int = 5,
     ) -> None:
@@ -202,6 +208,12 @@ class AmalgamationModule(L.LightningModule):
         if selflabel_target not in ("class", "task"):
             raise ValueError(f"model.selflabel_target must be 'class' or 'task', got {selflabel_target!r}")
         self.self_label = SelfLabel(selflabel_threshold)
+        # Like the teachers, frozen and outside the module tree (a list, so that nn.Module does not register it).
+        self._union_teacher = [self._load_union_teacher(union_teacher)] if union_teacher else []
+        if weights["union_kd"] and not self._union_teacher:
+            raise ValueError("loss_weights.union_kd imitates an earlier student's union predictions: set "
+                             "model.union_teacher to a directory written by `python -m amalgam export`")
+        self.union_kd_loss = SoftTargetKD("concat", temperature)
         # Built only when used: its bank is checkpointed state.
         untapped = [t.task for t in self._teachers if not t.net.tapper.taps]
         if weights["neighbour"] and untapped:
@@ -214,6 +226,15 @@ class AmalgamationModule(L.LightningModule):
     @property
     def teachers(self) -> list[Teacher]:
         return self._teachers
+
+    def _load_union_teacher(self, directory: str) -> Student:
+        union_teacher = load_student(directory)
+        expected = [(t.task, name) for t in self._teachers for name in t.classes]
+        if union_teacher.union != expected:
+            raise ValueError(f"model.union_teacher {directory} predicts (task, class) {union_teacher.union}, but "
+                             f"the teachers' union is {expected}: give a student of the same tasks and classes, "
+                             f"in the same order")
+        return union_teacher.requires_grad_(False)
 
     def _build_blocks(self, width: int, depth: int) -> nn.ModuleList:
         student_shapes = self.student.tap_shapes()
@@ -244,6 +265,8 @@ class AmalgamationModule(L.LightningModule):
         super()._apply(fn, recurse)
         for teacher in getattr(self, "_teachers", []):
             teacher._apply(fn, recurse)
+        for union_teacher in getattr(self, "_union_teacher", []):
+            union_teacher._apply(fn, recurse)
         return self
 
     def configure_model(self) -> None:
@@ -335,6 +358,11 @@ class AmalgamationModule(L.LightningModule):
         self.log("train/selflabel_kept", kept, on_step=False, on_epoch=True)
         return loss
 
+    def union_kd_term(self, images: Tensor, student: Features) -> Tensor:
+        with torch.no_grad():
+            target = self._union_teacher[0](images)
+        return self.union_kd_loss(student.logits, [target], [(0, self.num_classes)])
+
     def combine_losses(self, terms: dict[str, Tensor]) -> Tensor:
         return sum(self.loss_weights[name] * value for name, value in terms.items())
 
@@ -360,6 +388,8 @@ class AmalgamationModule(L.LightningModule):
         terms = self.loss_terms(student, teachers, self.common_features(student, teachers))
         if self.loss_weights["selflabel"]:
             terms["selflabel"] = self.self_label_term(images, student)
+        if self.loss_weights["union_kd"]:
+            terms["union_kd"] = self.union_kd_term(images, student)
         loss = self.combine_losses(terms)
         self._check_finite(terms, loss)
         for name, value in terms.items():

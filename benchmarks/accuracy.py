@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import statistics
@@ -41,6 +42,7 @@ from amalgam import AmalgamationModule, Classifier
 from amalgam.data import FASHION_MNIST_CLASSES, FashionMNISTDataModule
 from amalgam.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 from amalgam.data.in_memory import InMemoryImages
+from amalgam.export import export_student
 
 SETTINGS = {"S2": {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]},
             "S3": {"a": [0, 1, 2, 3], "b": [4, 5, 6], "c": [7, 8, 9]}}
@@ -94,6 +96,8 @@ ABLATIONS = {
     "amalgam-no_entropy": {"loss_weights": {"entropy": 0.0}},
     "amalgam+teacher_flip": {"teacher_flip_average": True},
     "amalgam+mixup": {"mixup_alpha": 1.0},
+    # Born-again: also imitate the union softmax of an `amalgam` student trained first (run_one trains it).
+    "amalgam+reborn": {"loss_weights": {"union_kd": 1.0}},
     "amalgam+neighbour": {"loss_weights": {"neighbour": 1.0}},
     "amalgam+ema": {},
 }
@@ -164,7 +168,8 @@ def teacher_configs(setting: str, seed: int, preset: dict, work: Path) -> list[d
     return configs
 
 
-def build_student(method: str, teachers: list[dict], preset: dict, seed: int) -> AmalgamationModule:
+def build_student(method: str, teachers: list[dict], preset: dict, seed: int,
+                  extra: dict | None = None) -> AmalgamationModule:
     args = method_args(method)
     args["loss_weights"] |= preset.get("loss_weights", {})
     cls = Supervised if method == "supervised" else AmalgamationModule
@@ -172,7 +177,8 @@ def build_student(method: str, teachers: list[dict], preset: dict, seed: int) ->
     # A NaN check syncs with the device; every step would stall a GPU's queue of launches.
     defaults = {"lr": 2e-3, "evaluate_teachers": False, "nan_check_every_n_steps": 100,
                 "channels_last": preset.get("channels_last", False)}
-    return cls(teachers, {**preset["student"], "taps": ["pooled"]}, **defaults | args | preset.get("module_args", {}))
+    args = defaults | args | preset.get("module_args", {}) | (extra or {})
+    return cls(teachers, {**preset["student"], "taps": ["pooled"]}, **args)
 
 
 class Supervised(AmalgamationModule):
@@ -249,9 +255,9 @@ def evaluate(model: AmalgamationModule, setting: str, pool: torch.Tensor, root: 
     return result
 
 
-def run_one(setting: str, method: str, seed: int, preset: dict, work: Path) -> dict:
-    teachers = teacher_configs(setting, seed, preset, work)
-    model = build_student(method, teachers, preset, seed)
+def fit_student(method: str, setting: str, seed: int, preset: dict, work: Path, teachers: list[dict],
+                extra: dict | None = None) -> tuple[AmalgamationModule, L.Trainer, FashionMNISTDataModule]:
+    model = build_student(method, teachers, preset, seed, extra)
     cls = UnionLabels if method == "supervised" else FashionMNISTDataModule
     data = cls(preset["root"], SETTINGS[setting], batch_size=preset["batch_size"], train_limit=preset["train_limit"],
                seed=seed)
@@ -261,8 +267,35 @@ def run_one(setting: str, method: str, seed: int, preset: dict, work: Path) -> d
         steps = (preset["train_limit"] or 60000) // preset["batch_size"] * preset["student_epochs"]
         callbacks.append(EMAWeightAveraging(decay=1 - 10 / steps))
     t = trainer(preset["student_epochs"], work, callbacks)
-    start = time.perf_counter()
     t.fit(model, datamodule=data)
+    return model, t, data
+
+
+def first_generation(setting: str, seed: int, preset: dict, work: Path, teachers: list[dict]) -> Path:
+    """An `amalgam` student of this setting, seed and preset, exported: the union teacher of `amalgam+reborn`.
+    Cached under ``work`` by a digest of everything that shapes it."""
+    shape = {k: preset.get(k) for k in ("student", "student_epochs", "train_limit", "batch_size", "loss_weights",
+                                        "module_args", "channels_last")}
+    digest = hashlib.sha1(json.dumps([shape, teachers], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    out = work / f"{setting}-seed{seed}-amalgam-student-{digest}"
+    if (out / "config.json").exists():
+        return out
+    _, t, _ = fit_student("amalgam", setting, seed, preset, work, teachers)
+    ckpt = out.with_suffix(".ckpt")
+    t.save_checkpoint(ckpt)
+    export_student(ckpt, out.with_suffix(".partial"))  # a process stopped mid-write leaves no finished-looking dir
+    out.with_suffix(".partial").rename(out)
+    ckpt.unlink()
+    return out
+
+
+def run_one(setting: str, method: str, seed: int, preset: dict, work: Path) -> dict:
+    teachers = teacher_configs(setting, seed, preset, work)
+    start = time.perf_counter()  # a born-again student's time includes its first generation's, unless cached
+    extra = {}
+    if method == "amalgam+reborn":
+        extra["union_teacher"] = str(first_generation(setting, seed, preset, work, teachers))
+    model, t, data = fit_student(method, setting, seed, preset, work, teachers, extra)
     data.setup("fit")
     pool = data.train_set.images[:10000].expand(-1, 3, -1, -1)  # unlabeled images, for balancing only
     result = evaluate(model.to(t.strategy.root_device), setting, pool, preset["root"])

@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy
 
+from amalgam.export import load_student
+
 
 def run(setting, method, seed, a, b, union, teacher_a):
     return {"setting": setting, "method": method, "seed": seed, "tasks": {"a": a, "b": b}, "acc_all": (a + b) / 2,
@@ -121,3 +123,22 @@ def test_gpu_driver_trains_teachers_per_task_then_one_process_per_lane(tmp_path)
     assert students == ["amalgam+selflabel", "amalgam+selflabel", "kd_slice cfl_paper", "kd_slice cfl_paper"]
     assert len((out / "runs.jsonl").read_text().splitlines()) == 4  # every lane appended its run
     assert any("--from-runs" in line for line in lines)
+
+
+def test_reborn_students_learn_from_a_first_generation_trained_and_exported_once(tmp_path):
+    preset = accuracy.PRESETS["cpu"] | {"root": accuracy.DEFAULT_ROOT, "teacher_epochs": 1, "teacher_train_limit": 64,
+                                        "train_limit": 64, "student_epochs": 1}
+    teachers = accuracy.teacher_configs("S2", 0, preset, tmp_path)
+    first = accuracy.first_generation("S2", 0, preset, tmp_path, teachers)
+    union = [(t["task"], name) for t in teachers for name in t["classes"]]
+    assert load_student(first).union == union
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*student*.ckpt"))
+    written = (first / "model.safetensors").stat().st_mtime_ns
+    assert accuracy.first_generation("S2", 0, preset, tmp_path, teachers) == first  # cached
+    assert (first / "model.safetensors").stat().st_mtime_ns == written
+    other = accuracy.first_generation("S2", 0, preset | {"student_epochs": 2, "train_limit": 32}, tmp_path, teachers)
+    assert other != first  # another preset, another first generation
+    reborn = accuracy.build_student("amalgam+reborn", teachers, preset, 0, {"union_teacher": str(first)})
+    assert reborn.loss_weights["union_kd"] == 1.0 and len(reborn._union_teacher) == 1
+    assert accuracy.method_args("amalgam+reborn") == accuracy.method_args("amalgam") | {
+        "loss_weights": accuracy.method_args("amalgam")["loss_weights"] | {"union_kd": 1.0}}

@@ -151,3 +151,35 @@ def test_onnx_export_matches_pytorch(trained, tmp_path):
     (onnx_logits,) = session.run(["logits"], {"images": images.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(onnx_logits, exported(images).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_an_exported_student_as_union_teacher_adds_its_union_soft_targets(trained, tmp_path, image_tree):
+    teachers = [teacher("a", "resnet"), teacher("b", "vit")]
+    module = AmalgamationModule(teachers, student(), temperature=2.0, union_teacher=str(trained["export"]),
+                                loss_weights={"union_kd": 1.0})
+    (union_teacher,) = module._union_teacher
+    assert not any(p.requires_grad for p in union_teacher.parameters()) and not union_teacher.training
+    assert not any(name.startswith("_union") for name in module.state_dict())  # outside the checkpointed tree
+    images = torch.rand(4, 3, SIZE, SIZE)
+    own = module.student_outputs(images)
+    got = module.union_kd_term(images, own)
+    # Naive reference: KL(earlier student || this student) of the union softmaxes at T=2, times T^2, per image.
+    earlier = load_student(trained["export"])(images)
+    expected = sum(
+        (p * (p.log() - q.log())).sum()
+        for p, q in zip((earlier / 2).softmax(1), (own.logits / 2).softmax(1))) / len(images) * 4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    got.backward()
+    assert module.student.model.fc.weight.grad is not None
+
+    with pytest.raises(ValueError, match="same tasks and classes"):
+        AmalgamationModule(teachers[::-1], student(), union_teacher=str(trained["export"]))
+    with pytest.raises(ValueError, match="set model.union_teacher"):
+        AmalgamationModule(teachers, student(), loss_weights={"union_kd": 1.0})
+
+    cfg = amalgam_config(tmp_path, image_tree, teachers, student(),
+                         model_args={"union_teacher": str(trained["export"]), "loss_weights": {"union_kd": 1.0}},
+                         trainer={"max_steps": 2, "limit_val_batches": 0})
+    cli = main(["--config", str(cfg)], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_union_kd"])
