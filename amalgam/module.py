@@ -116,6 +116,9 @@ class AmalgamationModule(L.LightningModule):
             (``amalgam.data.augment.mix_images``, blend weight ~ Beta(alpha, alpha) per image), and teachers and
             student all see the blend: the teachers then label points between images ("function matching").
             Blends never repeat, so a teacher cache only misses.
+        shared_strong_view: teachers and student see a strongly augmented view (``strong_view``: shift, flip,
+            cut-out) of every training image instead of the data module's view: consistent strong augmentation,
+            the other half of "function matching".
         union_teacher: a student trained earlier on the same tasks and classes, as written by ``python -m amalgam
             export``. With loss weight ``union_kd`` this student also imitates its softmax over the whole union
             at ``temperature`` ("born-again" self-distillation): the earlier student's choice between tasks,
@@ -154,6 +157,7 @@ class AmalgamationModule(L.LightningModule):
         selflabel_target: Literal["class", "task"] = "class",
         teacher_flip_average: bool = False,
         mixup_alpha: float = 0.0,
+        shared_strong_view: bool = False,
         union_teacher: str | None = None,
         neighbour_bank_size: int = 4096,
         neighbour_k: int = 5,
@@ -379,6 +383,8 @@ class AmalgamationModule(L.LightningModule):
             self.log("data/skipped", float(datamodule.skipped_total), on_step=True, on_epoch=False)
         if images.shape[0] < 2:  # unreadable files left < 2 images; BatchNorm and MMD need 2: skip the step
             return None
+        if self.hparams.shared_strong_view:
+            images = strong_view(images)
         if self.hparams.mixup_alpha:
             images = mix_images(images, self.hparams.mixup_alpha)
         if self.hparams.channels_last:

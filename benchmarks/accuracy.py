@@ -96,6 +96,7 @@ ABLATIONS = {
     "amalgam-no_entropy": {"loss_weights": {"entropy": 0.0}},
     "amalgam+teacher_flip": {"teacher_flip_average": True},
     "amalgam+mixup": {"mixup_alpha": 1.0},
+    "amalgam+strong_view": {"shared_strong_view": True},
     # Born-again: also imitate the union softmax of an `amalgam` student trained first (run_one trains it).
     "amalgam+reborn": {"loss_weights": {"union_kd": 1.0}},
     "amalgam+neighbour": {"loss_weights": {"neighbour": 1.0}},

@@ -61,6 +61,7 @@ def test_methods_are_the_library_presets_and_ablations_change_one_thing():
     assert task == accuracy.method_args("amalgam+selflabel") | {"selflabel_target": "task"}
     assert accuracy.method_args("amalgam+kd_task_weighting") == amalgam | {"kd_task_weighting": 1.0}
     assert accuracy.method_args("amalgam+mixup") == amalgam | {"mixup_alpha": 1.0}
+    assert accuracy.method_args("amalgam+strong_view") == amalgam | {"shared_strong_view": True}
     assert accuracy.method_args("kd_concat")["kd"] == "concat"
 
 

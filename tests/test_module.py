@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from amalgam import AmalgamationModule, Teacher
 from amalgam.backbones import Features, TappedNetwork
 from amalgam.cli import main
-from amalgam.data.augment import mix_images
+from amalgam.data.augment import mix_images, strong_view
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,9 +159,11 @@ def test_teacher_flip_average_is_the_mean_of_a_view_and_its_mirror(tmp_path, ima
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
-def test_mixup_feeds_teachers_and_student_the_same_blend(tmp_path, image_tree):
+@pytest.mark.parametrize(("option", "view"), [("mixup_alpha", lambda x: mix_images(x, 1.0)),
+                                              ("shared_strong_view", strong_view)])
+def test_mixup_and_strong_views_feed_teachers_and_student_the_same_view(tmp_path, image_tree, option, view):
     teachers = [teacher("a", "resnet"), teacher("b", "vit")]
-    module = AmalgamationModule(teachers, student(), mixup_alpha=1.0)
+    module = AmalgamationModule(teachers, student(), **{option: 1.0 if option == "mixup_alpha" else True})
     seen = {}
 
     def recording(name):
@@ -179,11 +181,12 @@ def test_mixup_feeds_teachers_and_student_the_same_blend(tmp_path, image_tree):
     assert torch.isfinite(module.training_step(images, 0))
     assert torch.equal(seen["teacher_outputs"], seen["student_outputs"])
     assert not torch.allclose(seen["student_outputs"], images)
-    torch.manual_seed(0)  # the blend the step drew, drawn again
-    torch.testing.assert_close(seen["student_outputs"], mix_images(images, 1.0))
+    torch.manual_seed(0)  # the view the step drew, drawn again
+    torch.testing.assert_close(seen["student_outputs"], view(images))
     with pytest.raises(ValueError, match="mixup_alpha must be >= 0"):
         AmalgamationModule(teachers, student(), mixup_alpha=-1.0)
-    cfg = amalgam_config(tmp_path, image_tree, teachers, student(), model_args={"mixup_alpha": 0.5},
+    value = 0.5 if option == "mixup_alpha" else True
+    cfg = amalgam_config(tmp_path, image_tree, teachers, student(), model_args={option: value},
                          trainer={"max_steps": 2, "limit_val_batches": 0})
     cli = main(["--config", str(cfg)], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
