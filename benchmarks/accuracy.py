@@ -97,11 +97,13 @@ ABLATIONS = {
     "amalgam+teacher_flip": {"teacher_flip_average": True},
     "amalgam+mixup": {"mixup_alpha": 1.0},
     "amalgam+strong_view": {"shared_strong_view": True},
-    # Born-again: also imitate the union softmax of an `amalgam` student trained first (run_one trains it).
+    # Born-again: also imitate the union softmax of a student trained first (REBORN_FROM; run_one trains it).
     "amalgam+reborn": {"loss_weights": {"union_kd": 1.0}},
+    "amalgam+reborn_from_selflabel": {"loss_weights": {"union_kd": 1.0}},
     "amalgam+neighbour": {"loss_weights": {"neighbour": 1.0}},
     "amalgam+ema": {},
 }
+REBORN_FROM = {"amalgam+reborn": "amalgam", "amalgam+reborn_from_selflabel": "amalgam+selflabel"}
 
 
 def method_args(method: str) -> dict:
@@ -272,16 +274,17 @@ def fit_student(method: str, setting: str, seed: int, preset: dict, work: Path, 
     return model, t, data
 
 
-def first_generation(setting: str, seed: int, preset: dict, work: Path, teachers: list[dict]) -> Path:
-    """An `amalgam` student of this setting, seed and preset, exported: the union teacher of `amalgam+reborn`.
+def first_generation(setting: str, seed: int, preset: dict, work: Path, teachers: list[dict],
+                     method: str = "amalgam") -> Path:
+    """A `method` student of this setting, seed and preset, exported: the union teacher of a born-again student.
     Cached under ``work`` by a digest of everything that shapes it."""
     shape = {k: preset.get(k) for k in ("student", "student_epochs", "train_limit", "batch_size", "loss_weights",
                                         "module_args", "channels_last")}
     digest = hashlib.sha1(json.dumps([shape, teachers], sort_keys=True, default=str).encode()).hexdigest()[:10]
-    out = work / f"{setting}-seed{seed}-amalgam-student-{digest}"
+    out = work / f"{setting}-seed{seed}-{method.replace('+', '_')}-student-{digest}"
     if (out / "config.json").exists():
         return out
-    _, t, _ = fit_student("amalgam", setting, seed, preset, work, teachers)
+    _, t, _ = fit_student(method, setting, seed, preset, work, teachers)
     ckpt = out.with_suffix(".ckpt")
     t.save_checkpoint(ckpt)
     export_student(ckpt, out.with_suffix(".partial"))  # a process stopped mid-write leaves no finished-looking dir
@@ -294,8 +297,8 @@ def run_one(setting: str, method: str, seed: int, preset: dict, work: Path) -> d
     teachers = teacher_configs(setting, seed, preset, work)
     start = time.perf_counter()  # a born-again student's time includes its first generation's, unless cached
     extra = {}
-    if method == "amalgam+reborn":
-        extra["union_teacher"] = str(first_generation(setting, seed, preset, work, teachers))
+    if method in REBORN_FROM:
+        extra["union_teacher"] = str(first_generation(setting, seed, preset, work, teachers, REBORN_FROM[method]))
     model, t, data = fit_student(method, setting, seed, preset, work, teachers, extra)
     data.setup("fit")
     pool = data.train_set.images[:10000].expand(-1, 3, -1, -1)  # unlabeled images, for balancing only

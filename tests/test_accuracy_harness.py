@@ -143,3 +143,5 @@ def test_reborn_students_learn_from_a_first_generation_trained_and_exported_once
     assert reborn.loss_weights["union_kd"] == 1.0 and len(reborn._union_teacher) == 1
     assert accuracy.method_args("amalgam+reborn") == accuracy.method_args("amalgam") | {
         "loss_weights": accuracy.method_args("amalgam")["loss_weights"] | {"union_kd": 1.0}}
+    assert accuracy.method_args("amalgam+reborn_from_selflabel") == accuracy.method_args("amalgam+reborn")
+    assert accuracy.REBORN_FROM["amalgam+reborn_from_selflabel"] == "amalgam+selflabel"
