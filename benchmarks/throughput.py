@@ -358,12 +358,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or RESULTS / f"throughput-{result['device']}.json"
     kept = json.loads(out.read_text())["rows"] if args.merge and out.exists() else []
 
-    def save() -> None:  # after every row, so a case that fails or a run that is stopped keeps what finished
+    def save() -> list[dict[str, Any]]:  # after every row: a case that fails or a stopped run keeps the others
         new = {(r["case"], r["batch"]) for r in result["rows"]}
         rows = sorted([r for r in kept if (r["case"], r["batch"]) not in new] + result["rows"],
                       key=lambda r: (r["case"], r["batch"]))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result | {"rows": rows}, indent=1) + "\n")
+        return rows
 
     for case in args.cases:
         for batch in args.batch or CASES[case].batches:
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save()
             print(table([row]).splitlines()[-1], flush=True)
     result["load_average_end"] = common.load_average()
-    save()
+    result["rows"] = save()  # with --merge, the earlier rows too
     print(f"\n{result['device_name']}, torch {torch.__version__}, {result['threads']} threads, load average "
           f"{result['load_average_start']} -> {result['load_average_end']}\n{table(result['rows'])}\nwrote {out}")
     return result
