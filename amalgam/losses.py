@@ -206,6 +206,37 @@ class SelfLabel(nn.Module):
             return (loss * mask).mean(), mask.mean()
 
 
+class ViewContrast(nn.Module):
+    """Instance contrast between two views of the same images (SimCLR's NT-Xent, Chen et al. 2020).
+
+    Row i of ``a`` and row i of ``b`` are two views of image i; every other row of either view is a negative.
+    The loss is the cross-entropy of picking the other view of each of the 2B rows among the 2B - 1 others, by
+    cosine similarity / ``temperature``. It shapes the student's features by what the images look like,
+    which no teacher's soft targets say for images outside its task: look-alike classes of different tasks
+    (shirt against T-shirt) can then fall into separate regions for the union prior's entropy term to split.
+
+    Args:
+        temperature: scale of the cosine similarities (SimCLR: 0.1 to 0.5).
+    """
+
+    def __init__(self, temperature: float = 0.2) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"contrast temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.shape != b.shape or a.ndim != 2:
+            raise ValueError(f"views must be [B, D] of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        with torch.autocast(a.device.type, enabled=False):
+            z = F.normalize(torch.cat([a, b]).float(), dim=1)
+            logits = z @ z.T / self.temperature
+            logits = logits.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+            n = len(a)
+            partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+            return F.cross_entropy(logits, partner)
+
+
 class NeighbourConsistency(nn.Module):
     """Images that are neighbours in the teachers' joint feature space should get the same union class (SCAN,
     Van Gansbeke et al. 2020, with a memory bank of recent batches in place of neighbours mined up front).

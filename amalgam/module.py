@@ -29,16 +29,17 @@ from amalgam.losses import (
     SelfLabel,
     SoftTargetKD,
     UnionPrior,
+    ViewContrast,
     slice_mass,
 )
 from amalgam.teacher import Teacher, TeacherConfig
 from amalgam.teacher_cache import TeacherCache
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy), self-labelling and
-# neighbour consistency are ours, off by default.
+# The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy), self-labelling, view
+# contrast, neighbour consistency and born-again imitation are ours, off by default.
 DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0, "balance": 0.0, "entropy": 0.0, "selflabel": 0.0,
-                   "neighbour": 0.0, "union_kd": 0.0}
+                   "contrast": 0.0, "neighbour": 0.0, "union_kd": 0.0}
 
 
 class StudentConfig(TypedDict):
@@ -78,7 +79,10 @@ class AmalgamationModule(L.LightningModule):
         loss_weights: weights of ``kd``, ``mmd`` and ``recon`` (paper: 1, 10, 10), and of the union-prior
             terms ``balance`` and ``entropy`` (``losses.UnionPrior``; 0 = off, the paper's method), and of
             ``selflabel`` (``losses.SelfLabel``: the student's confident union prediction trains a strongly
-            augmented view; one more student pass per step; 0 = off), and of ``neighbour``
+            augmented view; one more student pass per step; 0 = off), of ``contrast``
+            (``losses.ViewContrast`` on the student's last tap, through a small projector: the strongly
+            augmented view of each image must pick its plain view out of the batch; shares self-labelling's
+            extra pass; 0 = off), and of ``neighbour``
             (``losses.NeighbourConsistency``: images close in the teachers' joint features get the same union
             class; 0 = off).
         mmd_bandwidths: Gaussian kernel sigmas (paper: 0.001 ... 2).
@@ -123,6 +127,8 @@ class AmalgamationModule(L.LightningModule):
             export``. With loss weight ``union_kd`` this student also imitates its softmax over the whole union
             at ``temperature`` ("born-again" self-distillation): the earlier student's choice between tasks,
             which no teacher gives, becomes a soft target.
+        contrast_temperature: temperature of the ``contrast`` term's cosine similarities.
+        contrast_dim: output width of the ``contrast`` term's projector (two linear layers).
         neighbour_bank_size: recent training images the ``neighbour`` term searches for neighbours.
         neighbour_k: neighbours per image in the ``neighbour`` term.
     """
@@ -159,6 +165,8 @@ class AmalgamationModule(L.LightningModule):
         mixup_alpha: float = 0.0,
         shared_strong_view: bool = False,
         union_teacher: str | None = None,
+        contrast_temperature: float = 0.2,
+        contrast_dim: int = 64,
         neighbour_bank_size: int = 4096,
         neighbour_k: int = 5,
     ) -> None:
@@ -212,6 +220,9 @@ class AmalgamationModule(L.LightningModule):
         if selflabel_target not in ("class", "task"):
             raise ValueError(f"model.selflabel_target must be 'class' or 'task', got {selflabel_target!r}")
         self.self_label = SelfLabel(selflabel_threshold)
+        self.view_contrast = ViewContrast(contrast_temperature)
+        # Built only when used, so that checkpoints without the term keep their keys.
+        self.projector = self._build_projector(contrast_dim) if weights["contrast"] else None
         # Like the teachers, frozen and outside the module tree (a list, so that nn.Module does not register it).
         self._union_teacher = [self._load_union_teacher(union_teacher)] if union_teacher else []
         if weights["union_kd"] and not self._union_teacher:
@@ -239,6 +250,14 @@ class AmalgamationModule(L.LightningModule):
                              f"the teachers' union is {expected}: give a student of the same tasks and classes, "
                              f"in the same order")
         return union_teacher.requires_grad_(False)
+
+    def _build_projector(self, out_dim: int) -> nn.Sequential:
+        shapes = self.student.tap_shapes()
+        if not shapes:
+            raise ValueError("loss_weights.contrast compares the student's features at its last tap, but the "
+                             "student has no taps: give it one (e.g. student.taps: [pooled])")
+        width = shapes[-1][0]
+        return nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, out_dim))
 
     def _build_blocks(self, width: int, depth: int) -> nn.ModuleList:
         student_shapes = self.student.tap_shapes()
@@ -355,12 +374,23 @@ class AmalgamationModule(L.LightningModule):
 
         return torch.cat([F.normalize(pooled(t.taps[-1]), dim=1) for t in teachers], 1)
 
-    def self_label_term(self, images: Tensor, student: Features) -> Tensor:
-        strong = self.student_outputs(strong_view(images))
+    def strong_outputs(self, images: Tensor) -> Features:
+        """The student on a strongly augmented view (``strong_view``) of the training batch: one extra pass that
+        the ``selflabel`` and ``contrast`` terms share."""
+        return self.student_outputs(strong_view(images))
+
+    def self_label_term(self, student: Features, strong: Features) -> Tensor:
         slices = self.slices if self.hparams.selflabel_target == "task" else None
         loss, kept = self.self_label(student.logits, strong.logits, slices)
         self.log("train/selflabel_kept", kept, on_step=False, on_epoch=True)
         return loss
+
+    def contrast_term(self, student: Features, strong: Features) -> Tensor:
+        def projected(out: Features) -> Tensor:
+            last = out.taps[-1]
+            return self.projector(last.flatten(2).mean(2) if last.ndim > 2 else last)
+
+        return self.view_contrast(projected(student), projected(strong))
 
     def union_kd_term(self, images: Tensor, student: Features) -> Tensor:
         with torch.no_grad():
@@ -392,8 +422,12 @@ class AmalgamationModule(L.LightningModule):
         teachers = self.teacher_outputs(images)
         student = self.student_outputs(images)
         terms = self.loss_terms(student, teachers, self.common_features(student, teachers))
-        if self.loss_weights["selflabel"]:
-            terms["selflabel"] = self.self_label_term(images, student)
+        if self.loss_weights["selflabel"] or self.loss_weights["contrast"]:
+            strong = self.strong_outputs(images)
+            if self.loss_weights["selflabel"]:
+                terms["selflabel"] = self.self_label_term(student, strong)
+            if self.loss_weights["contrast"]:
+                terms["contrast"] = self.contrast_term(student, strong)
         if self.loss_weights["union_kd"]:
             terms["union_kd"] = self.union_kd_term(images, student)
         loss = self.combine_losses(terms)
@@ -489,6 +523,8 @@ class AmalgamationModule(L.LightningModule):
         groups = [{"name": "student", "params": backbone, "lr": hp.lr},
                   {"name": "head", "params": list(head), "lr": hp.head_lr or hp.lr},
                   {"name": "blocks", "params": list(self.blocks.parameters()), "lr": hp.block_lr or hp.lr}]
+        if self.projector is not None:
+            groups.append({"name": "projector", "params": list(self.projector.parameters()), "lr": hp.lr})
         return [dict(g, weight_decay=hp.weight_decay) for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:

@@ -90,6 +90,8 @@ METHODS = ["supervised", "kd_concat", "kd_slice", "cfl_paper", "amalgam"]
 ABLATIONS = {
     "amalgam+selflabel": {"loss_weights": {"selflabel": 1.0}},
     "amalgam+selflabel_task": {"loss_weights": {"selflabel": 1.0}, "selflabel_target": "task"},
+    "amalgam+contrast": {"loss_weights": {"contrast": 1.0}},
+    "amalgam+selflabel+contrast": {"loss_weights": {"selflabel": 1.0, "contrast": 1.0}},
     "amalgam+kd_task_weighting": {"kd_task_weighting": 1.0},
     "amalgam-no_cfl": {"loss_weights": {"mmd": 0.0, "recon": 0.0}},
     "amalgam-no_prior": {"loss_weights": {"balance": 0.0, "entropy": 0.0}},

@@ -16,6 +16,7 @@ from amalgam.losses import (
     ReconstructionLoss,
     SelfLabel,
     SoftTargetKD,
+    ViewContrast,
 )
 
 
@@ -340,6 +341,44 @@ def test_self_label_threshold_edges_are_accepted():
     assert SelfLabel().threshold == 0.95
 
 
+def naive_view_contrast(a, b, temperature):
+    """NT-Xent one row at a time, float64: row i's positive is its other view, every other row a negative."""
+    z = torch.cat([F.normalize(a.double(), dim=1), F.normalize(b.double(), dim=1)])
+    n, total = len(a), 0.0
+    for i in range(2 * n):
+        partner = i + n if i < n else i - n
+        sims = [math.exp((z[i] @ z[j]).item() / temperature) for j in range(2 * n) if j != i]
+        total += -((z[i] @ z[partner]).item() / temperature - math.log(sum(sims)))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_view_contrast_matches_a_per_row_reference(temperature):
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    got = ViewContrast(temperature)(a, b)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(naive_view_contrast(a, b, temperature), rel=1e-5)
+
+
+def test_view_contrast_is_low_when_views_agree_and_trains_both_views():
+    torch.manual_seed(0)
+    a = torch.randn(8, 16)
+    agree = ViewContrast(0.1)(a, a + 0.01 * torch.randn(8, 16))
+    unrelated = ViewContrast(0.1)(a, torch.randn(8, 16))
+    assert agree.item() < 0.05 < math.log(15) * 0.5 < unrelated.item()
+    a, b = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    ViewContrast()(a, b).backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+def test_view_contrast_refuses_bad_inputs_by_name():
+    with pytest.raises(ValueError, match="temperature"):
+        ViewContrast(0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        ViewContrast()(torch.randn(4, 3), torch.randn(5, 3))
+
+
 # ---------------------------------------------------------------- self-labelling in the training step
 
 
@@ -583,3 +622,34 @@ def test_neighbour_term_needs_tapped_teachers():
     with pytest.raises(ValueError, match=r"teachers \['a', 'b'\] have no taps"):
         AmalgamationModule([teacher("a", "resnet", tap=None), teacher("b", "resnet", tap=None)], student(tap=None),
                            loss_weights={"neighbour": 1.0})
+
+
+def test_contrast_term_compares_the_projected_last_tap_of_both_passes():
+    module = tiny_module(loss_weights={"contrast": 1.0, "selflabel": 1.0})
+    assert module.projector is not None and tiny_module().projector is None
+    torch.manual_seed(1)
+    _, seen, passes = watch_step(module.train(), torch.rand(8, 3, SIZE, SIZE))
+    # Self-labelling and contrast share the one strong pass.
+    assert len(passes) == 2 and {"selflabel", "contrast"} <= set(seen["terms"])
+    weak_out, strong_out = seen["outputs"]
+    expected = ViewContrast(0.2)(module.projector(weak_out.taps[-1]), module.projector(strong_out.taps[-1]))
+    assert seen["terms"]["contrast"].item() == pytest.approx(expected.item(), rel=1e-5)
+    seen["terms"]["contrast"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.projector.parameters())
+    assert module.student.model.conv1.weight.grad.abs().sum() > 0
+    assert "projector" in [g["name"] for g in module.parameter_groups()]
+    # Contrast alone still pays for the strong pass, and adds no self-labelling term.
+    _, seen, passes = watch_step(tiny_module(loss_weights={"contrast": 0.5}).train(), torch.rand(8, 3, SIZE, SIZE))
+    assert len(passes) == 2 and "contrast" in seen["terms"] and "selflabel" not in seen["terms"]
+
+
+def test_contrast_on_a_feature_map_pools_it_and_needs_a_tap():
+    torch.manual_seed(0)
+    module = AmalgamationModule([teacher("a", "resnet")], student(), block_width=8, block_depth=1,
+                                loss_weights={"contrast": 1.0}, contrast_dim=7)
+    assert module.projector[0].in_features == 16 and module.projector[-1].out_features == 7
+    _, seen, _ = watch_step(module.train(), torch.rand(4, 3, SIZE, SIZE))
+    assert torch.isfinite(seen["terms"]["contrast"])
+    with pytest.raises(ValueError, match="student has no taps"):
+        AmalgamationModule([teacher("a", "resnet", tap=None)], student(tap=None), loss_weights={
+            "contrast": 1.0, "mmd": 0.0, "recon": 0.0})
