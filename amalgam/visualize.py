@@ -2,7 +2,8 @@
 
 ``CommonSpacePlot`` is a callback: at the end of fit it embeds common-space features of the student and of
 every teacher for a few labelled evaluation images (t-SNE, or PCA when asked), saves a PNG and, when a
-``WandbLogger`` is active, logs it to W&B. ``accuracy_bars`` draws teachers against the student.
+``WandbLogger`` is active, logs it to W&B. ``accuracy_bars`` draws teachers against the student;
+``confusion_plot`` shows which classes of which teacher the student confuses when the task is unknown.
 """
 
 from __future__ import annotations
@@ -141,6 +142,36 @@ def accuracy_bars(summary: dict, path: Path) -> Path:
     ax.set_ylim(max(0, min(50, min(teacher + student) * 100 - 5)), 102)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     ax.set_title("Who knows what: teachers vs the amalgamated student")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion_plot(confusion: np.ndarray, class_names: list[str], task_of: list[str], path: Path,
+                   title: str = "Task-agnostic confusion (rows: true class, columns: predicted)") -> Path:
+    """Row-normalised confusion over the union classes, with each teacher's slice boxed: mass outside a row's
+    box is an image given to the wrong task, the error no single teacher can see."""
+    confusion = np.asarray(confusion, dtype=float)
+    rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(0.55 * k + 3, 0.55 * k + 2))
+    ax.imshow(100 * rates, cmap="Blues", vmin=0, vmax=100)
+    for i in range(k):
+        for j in range(k):
+            if rates[i, j] >= 0.01:
+                ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    start = 0
+    for task in dict.fromkeys(task_of):  # tasks in slice order
+        size = task_of.count(task)
+        ax.add_patch(plt.Rectangle((start - 0.5, start - 0.5), size, size, fill=False, lw=1.5, ec="tab:red"))
+        start += size
+    labels = [f"{name} ({task})" for name, task in zip(class_names, task_of)]
+    ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels, fontsize=8)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -1,4 +1,5 @@
-"""The accuracy harness's bookkeeping: per-run lines -> the accuracy.json contract (no training)."""
+"""The accuracy harness's bookkeeping: per-run lines -> the accuracy.json contract, and the error diagnostics' pieces
+(no training)."""
 
 import json
 import statistics
@@ -7,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy
+import union_diagnostics
 
 from amalgam.export import load_student
 
@@ -62,6 +65,8 @@ def test_methods_are_the_library_presets_and_ablations_change_one_thing():
     assert accuracy.method_args("amalgam+kd_task_weighting") == amalgam | {"kd_task_weighting": 1.0}
     assert accuracy.method_args("amalgam+mixup") == amalgam | {"mixup_alpha": 1.0}
     assert accuracy.method_args("amalgam+strong_view") == amalgam | {"shared_strong_view": True}
+    contrast = accuracy.method_args("amalgam+selflabel+contrast")
+    assert contrast == amalgam | {"loss_weights": amalgam["loss_weights"] | {"selflabel": 1.0, "contrast": 1.0}}
     assert accuracy.method_args("kd_concat")["kd"] == "concat"
 
 
@@ -145,3 +150,42 @@ def test_reborn_students_learn_from_a_first_generation_trained_and_exported_once
         "loss_weights": accuracy.method_args("amalgam")["loss_weights"] | {"union_kd": 1.0}}
     assert accuracy.method_args("amalgam+reborn_from_selflabel") == accuracy.method_args("amalgam+reborn")
     assert accuracy.REBORN_FROM["amalgam+reborn_from_selflabel"] == "amalgam+selflabel"
+
+
+# ---------------------------------------------------------------- union_diagnostics.py (no training)
+
+
+def test_confusion_matrix_counts_true_rows_against_predicted_columns():
+    target = torch.tensor([0, 0, 1, 2, 2, 2])
+    pred = torch.tensor([0, 1, 1, 2, 0, 2])
+    got = union_diagnostics.confusion_matrix(pred, target, 3)
+    assert got.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_linear_probe_separates_what_a_linear_boundary_separates():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 4
+    y = torch.arange(300) % 3
+    x = centres[y] + torch.randn(300, 8, generator=g)
+    pred = union_diagnostics.linear_probe(x[:200], y[:200], x[200:], 3)
+    assert (pred == y[200:]).float().mean() > 0.95
+
+
+def test_centroid_labels_repair_a_head_that_swaps_two_clusters_half_the_time():
+    # Two tight clusters; the head's softmax leans the right way only slightly, so its argmax is often wrong
+    # but the weighted centres still land in the right cluster, and nearest-centre labels are all right.
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = torch.stack([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])])[y] + 0.05 * torch.randn(200, 2, generator=g)
+    lean = 0.55 + 0.2 * torch.rand(200, generator=g) - 0.1
+    probs = torch.stack([torch.where(y == 0, lean, 1 - lean), torch.where(y == 0, 1 - lean, lean)], 1)
+    assert (probs.argmax(1) == y).float().mean() < 0.9
+    rounds = union_diagnostics.centroid_labels(x, probs, x, rounds=2)
+    assert len(rounds) == 2 and all((r == y).all() for r in rounds)
+
+
+def test_confusion_plot_writes_a_picture(tmp_path):
+    from amalgam.visualize import confusion_plot
+
+    path = confusion_plot([[5, 1, 0], [2, 3, 0], [0, 0, 4]], ["x", "y", "z"], ["a", "a", "b"], tmp_path / "c.png")
+    assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
