@@ -138,10 +138,23 @@ def run_demo(out: str = "reports/demo", artifacts: str = DEFAULT_ARTIFACTS, teac
     from amalgam.visualize import accuracy_bars
 
     accuracy_bars(summary, out_dir / "accuracy.png")
+    draw_confusion(cli.model, out_dir / "confusion.png")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "summary.md").write_text(summary_markdown(summary))
     print(summary_markdown(summary))
     return summary
+
+
+def draw_confusion(model: Any, path: Path) -> Path | None:
+    """The student's task-agnostic confusion on the test split (kept by ``AmalgamationModule`` per stage)."""
+    from amalgam.visualize import confusion_plot
+
+    confusion = model.confusion.get("test")
+    if confusion is None:
+        return None
+    tasks, names = zip(*model.union_classes)
+    return confusion_plot(confusion.numpy(), list(names), list(tasks), path,
+                          title="Student, task unknown: % of each true class (rows) per predicted class")
 
 
 def summary_markdown(s: dict) -> str:
@@ -156,7 +169,8 @@ def summary_markdown(s: dict) -> str:
               f"| student ({s['student']['arch']}), one head | {100 * s['student']['acc_union']:.2f} |",
               "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in s["seconds"].items()]
-    lines += ["", "![accuracy](accuracy.png)", "", "![common feature space](common_space.png)", ""]
+    lines += ["", "![accuracy](accuracy.png)", "", "![common feature space](common_space.png)", "",
+              "![task-agnostic confusion](confusion.png)", ""]
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from amalgam.backbones import Features, Tap, TappedNetwork
 from amalgam.checkpointing import seed_training_batch
@@ -282,6 +282,11 @@ class AmalgamationModule(L.LightningModule):
         acc["union_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
         acc["teachers_concat_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
         self.metrics = nn.ModuleDict(acc)
+        # Task-agnostic counts over the union classes (rows: true class), kept per stage in ``self.confusion``
+        # after each evaluation for pictures (``amalgam.visualize.confusion_plot``): which teacher's classes the
+        # student mixes up when the task is unknown.
+        self.union_confusion = MulticlassConfusionMatrix(self.num_classes)
+        self.confusion: dict[str, Tensor] = {}
 
     # Teachers are not submodules, so device and dtype moves must reach them explicitly.
     def _apply(self, fn: Any, recurse: bool = True) -> AmalgamationModule:
@@ -479,6 +484,7 @@ class AmalgamationModule(L.LightningModule):
         m = self.metrics
         m[f"{task}_acc"].update(logits[:, a:b], labels)
         m["union_acc"].update(logits, labels + a)
+        self.union_confusion.update(logits, labels + a)
         if self.hparams.evaluate_teachers:
             teacher_logits = [teacher(images).logits for teacher in self._teachers]
             m[f"{task}_teacher_acc"].update(teacher_logits[t], labels)
@@ -494,6 +500,14 @@ class AmalgamationModule(L.LightningModule):
             if metric.update_count:
                 self.log(names[key], metric.compute(), prog_bar=key == "union_acc")
             metric.reset()
+        if self.union_confusion.update_count:
+            self.confusion[prefix] = self.union_confusion.compute().cpu()
+        self.union_confusion.reset()
+
+    @property
+    def union_classes(self) -> list[tuple[str, str]]:
+        """(task, class name) of every union logit, in head order."""
+        return [(t.task, name) for t in self._teachers for name in t.classes]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)

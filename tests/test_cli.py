@@ -53,6 +53,12 @@ def test_two_taps_two_blocks_validate_and_test(tmp_path, image_tree):
         cli = run([sub, "--config", str(cfg)])
         prefix = "val" if sub == "validate" else "test"
         assert {f"{prefix}/a/acc", f"{prefix}/b/acc", f"{prefix}/acc_union"} <= set(cli.trainer.callback_metrics)
+        # The union confusion of the same images: rows are true classes, its diagonal is the union accuracy.
+        confusion = cli.model.confusion[prefix]
+        assert confusion.shape == (5, 5) and confusion.sum() > 0
+        assert confusion.diag().sum() / confusion.sum() == pytest.approx(
+            cli.trainer.callback_metrics[f"{prefix}/acc_union"].item(), abs=1e-6)
+        assert cli.model.union_classes == [("a", "cat"), ("a", "dog"), ("b", "car"), ("b", "bus"), ("b", "van")]
 
 
 def test_print_config_and_module_entry_point(tmp_path, image_tree):

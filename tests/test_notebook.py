@@ -18,6 +18,7 @@ def test_quickstart_notebook_executes(monkeypatch, tmp_path):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 2, "the notebook should show the accuracy chart and the common-space picture"
+    assert len(images) >= 3, "the notebook should show the accuracy chart, the confusion and the common space"
     assert any("student says:" in o.get("text", "") for o in outputs)
     assert (tmp_path / "reports" / "quickstart" / "summary.json").exists()
+    assert (tmp_path / "reports" / "quickstart" / "confusion.png").exists()
