@@ -3,7 +3,8 @@
 ``CommonSpacePlot`` is a callback: at the end of fit it embeds common-space features of the student and of
 every teacher for a few labelled evaluation images (t-SNE, or PCA when asked), saves a PNG and, when a
 ``WandbLogger`` is active, logs it to W&B. ``accuracy_bars`` draws teachers against the student;
-``confusion_plot`` shows which classes of which teacher the student confuses when the task is unknown.
+``confusion_plot`` shows which classes of which teacher the student confuses when the task is unknown, and the
+``ConfusionPlot`` callback draws it after evaluations (and logs it to W&B).
 """
 
 from __future__ import annotations
@@ -177,3 +178,43 @@ def confusion_plot(confusion: np.ndarray, class_names: list[str], task_of: list[
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class ConfusionPlot(L.Callback):
+    """Saves ``<dirpath>/confusion_<stage>.png`` after each chosen evaluation: the student's task-agnostic
+    confusion over the union classes (``AmalgamationModule.confusion``), teachers' slices boxed. Logs it to
+    W&B too when that logger is on.
+
+    Args:
+        dirpath: output folder (default: the trainer's log dir).
+        stages: the evaluations to draw, ``"test"`` and/or ``"val"`` (every validation run, overwritten).
+    """
+
+    def __init__(self, dirpath: str | None = None, stages: list[str] | None = None) -> None:
+        self.dirpath = dirpath
+        self.stages = list(stages or ["test"])
+        unknown = set(self.stages) - {"test", "val"}
+        if unknown:
+            raise ValueError(f"ConfusionPlot stages must be 'test' or 'val', got {sorted(unknown)}")
+        self.path: Path | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._draw(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._draw(trainer, pl_module, "test")
+
+    def _draw(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        confusion = getattr(pl_module, "confusion", {}).get(stage)
+        if stage not in self.stages or trainer.global_rank != 0 or confusion is None:
+            return
+        tasks, names = zip(*pl_module.union_classes)
+        out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir) / f"confusion_{stage}.png"
+        title = f"Task unknown ({stage}): % of each true class (rows) per predicted class"
+        self.path = confusion_plot(confusion.numpy(), list(names), list(tasks), out, title)
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=f"{stage}/confusion", images=[str(self.path)])

@@ -10,6 +10,7 @@ import torch
 from conftest import amalgam_config, student, teacher
 
 from amalgam.cli import main
+from amalgam.visualize import ConfusionPlot
 
 
 def run(args: list[str]):
@@ -59,6 +60,39 @@ def test_two_taps_two_blocks_validate_and_test(tmp_path, image_tree):
         assert confusion.diag().sum() / confusion.sum() == pytest.approx(
             cli.trainer.callback_metrics[f"{prefix}/acc_union"].item(), abs=1e-6)
         assert cli.model.union_classes == [("a", "cat"), ("a", "dog"), ("b", "car"), ("b", "bus"), ("b", "van")]
+
+
+
+def test_confusion_plot_callback_draws_the_chosen_evaluations(tmp_path, image_tree):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
+                         trainer={"fast_dev_run": 1})
+    plot = ["--trainer.callbacks+", "amalgam.visualize.ConfusionPlot", "--trainer.callbacks.dirpath",
+            str(tmp_path / "pics")]
+    cli = run(["test", "--config", str(cfg), *plot])
+    [callback] = [c for c in cli.trainer.callbacks if isinstance(c, ConfusionPlot)]
+    assert callback.path == tmp_path / "pics" / "confusion_test.png"
+    assert (tmp_path / "pics" / "confusion_test.png").read_bytes()[:4] == b"\x89PNG"
+    run(["validate", "--config", str(cfg), *plot])  # "test" only by default
+    assert not (tmp_path / "pics" / "confusion_val.png").exists()
+    run(["validate", "--config", str(cfg), *plot, "--trainer.callbacks.stages", "[val]"])
+    assert (tmp_path / "pics" / "confusion_val.png").exists()
+    with pytest.raises(ValueError, match="'test' or 'val'"):
+        ConfusionPlot(stages=["train"])
+
+
+def test_confusion_plot_logs_the_picture_to_wandb(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="amalgam-test", save_dir=str(tmp_path))
+    trainer = SimpleNamespace(global_rank=0, loggers=[logger], log_dir=None, default_root_dir=str(tmp_path))
+    module = SimpleNamespace(confusion={"test": torch.tensor([[2, 1], [0, 3]])}, union_classes=[("a", "x"), ("b", "y")])
+    ConfusionPlot().on_test_end(trainer, module)
+    logger.experiment.finish()
+    media = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/test/confusion*.png"))
+    assert media, "the confusion picture did not reach the W&B run"
 
 
 def test_print_config_and_module_entry_point(tmp_path, image_tree):

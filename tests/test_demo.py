@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import yaml
 
-from amalgam.demo import draw_confusion, stage_config, stale_teacher
+from amalgam.demo import stage_config, stale_teacher
 
 
 def test_teacher_checkpoint_from_other_settings_is_retrained_not_reused(tmp_path):
@@ -26,11 +24,3 @@ def test_teacher_checkpoint_from_other_settings_is_retrained_not_reused(tmp_path
     assert "model_kwargs" in message and str(older["embed_dim"]) in message
     assert "arch" not in message
 
-
-def test_demo_draws_the_students_test_confusion_when_there_is_one(tmp_path):
-    model = SimpleNamespace(confusion={"test": torch.tensor([[3, 1, 0], [0, 2, 2], [1, 0, 4]])},
-                            union_classes=[("a", "cat"), ("a", "dog"), ("b", "car")])
-    path = draw_confusion(model, tmp_path / "confusion.png")
-    assert path.exists() and path.read_bytes()[:4] == b"\x89PNG"
-    assert draw_confusion(SimpleNamespace(confusion={}, union_classes=[]), tmp_path / "none.png") is None
-    assert not (tmp_path / "none.png").exists()

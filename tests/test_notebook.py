@@ -21,4 +21,4 @@ def test_quickstart_notebook_executes(monkeypatch, tmp_path):
     assert len(images) >= 3, "the notebook should show the accuracy chart, the confusion and the common space"
     assert any("student says:" in o.get("text", "") for o in outputs)
     assert (tmp_path / "reports" / "quickstart" / "summary.json").exists()
-    assert (tmp_path / "reports" / "quickstart" / "confusion.png").exists()
+    assert (tmp_path / "reports" / "quickstart" / "confusion_test.png").exists()
