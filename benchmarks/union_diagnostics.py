@@ -4,7 +4,8 @@
 
 Trains the harness's student of that method, setting and seed (or reuses it: it is cached under --work like a
 born-again student's first generation, with the same teachers), then measures on the test images:
-- the union head: task-agnostic accuracy and its confusion over the union classes (picture and JSON);
+- the union head: task-agnostic accuracy and its confusion over the union classes (picture and JSON), and its
+  mean prediction on the unlabeled pool (what the union prior's balance term asks to be uniform);
 - a linear probe on the student's pooled features, fitted *with labels* on the unlabeled pool's true classes.
   A diagnostic only, never part of a method: if it is far above the head, the features do separate the
   classes and what is missing is a label-free way to place the head's boundaries between look-alike classes
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "head_wrong_task": round((task_index[head] != task_index[y]).float().mean().item(), 4),
         "linear_probe_acc_with_labels": acc(probe),
         "centroid_acc_per_round": [acc(c) for c in centroids],
+        "pool_mean_prediction": {n: round(v, 4) for n, v in zip(names, pool_z.softmax(1).mean(0).tolist())},
         "head_recall": {n: round(confusion[i, i].item() / max(1, confusion[i].sum().item()), 4)
                         for i, n in enumerate(names)},
         "probe_recall": {n: round(((probe == i) & (y == i)).sum().item() / max(1, (y == i).sum().item()), 4)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     confusion_plot(confusion.numpy(), names, task_of, out / f"{stem}.png",
                    title=f"{args.method}, {args.setting} seed {args.seed}: task-agnostic confusion (%, rows: true)")
     for key in ("head_acc", "head_wrong_task", "linear_probe_acc_with_labels", "centroid_acc_per_round",
-                "head_recall", "probe_recall"):
+                "pool_mean_prediction", "head_recall", "probe_recall"):
         print(f"{key}: {json.dumps(result[key])}")
     print(f"wrote {out / stem}.json and .png")
     return result
