@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -83,14 +84,21 @@ def test_confusion_plot_callback_draws_the_chosen_evaluations(tmp_path, image_tr
 def test_confusion_plot_logs_the_picture_to_wandb(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(project="amalgam-test", save_dir=str(tmp_path))
     trainer = SimpleNamespace(global_rank=0, loggers=[logger], log_dir=None, default_root_dir=str(tmp_path))
     module = SimpleNamespace(confusion={"test": torch.tensor([[2, 1], [0, 3]])}, union_classes=[("a", "x"), ("b", "y")])
-    ConfusionPlot().on_test_end(trainer, module)
-    logger.experiment.finish()
+    try:
+        ConfusionPlot().on_test_end(trainer, module)
+        logger.experiment.finish()
+    finally:
+        # An in-process run leaves its W&B service's address in the environment, where later tests' `amalgam`
+        # subprocesses would inherit it and hand their runs to this process's service.
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
     media = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/test/confusion*.png"))
     assert media, "the confusion picture did not reach the W&B run"
 
