@@ -20,6 +20,24 @@ import numpy as np
 import torch
 
 
+def save(fig: plt.Figure, path: Path) -> Path:
+    """Lays out, writes (creating the folder) and closes a figure; returns its path."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log_to_wandb(trainer: L.Trainer, key: str, path: Path) -> None:
+    """Logs a saved picture under ``key`` to every W&B logger of the trainer (none: nothing happens)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)])
+
+
 def embed_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
     """[N, D] -> [N, 2] with t-SNE (scikit-learn) or PCA."""
     features = features - features.mean(0, keepdims=True)
@@ -64,11 +82,7 @@ def plot_common_space(points: dict[str, np.ndarray], labels: np.ndarray, class_n
     for ax in (ax_net, ax_cls):
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(title or f"Common feature space ({method.upper()})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 class CommonSpacePlot(L.Callback):
@@ -99,11 +113,7 @@ class CommonSpacePlot(L.Callback):
         out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir) / "common_space.png"
         self.path = plot_common_space(points, labels, names, out, self.method,
                                       f"Common feature space after {trainer.current_epoch} epoch(s)")
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="common_space", images=[str(self.path)])
+        log_to_wandb(trainer, "common_space", self.path)
 
     def _eval_images(self, trainer: L.Trainer, pl_module):
         datamodule = trainer.datamodule
@@ -143,11 +153,7 @@ def accuracy_bars(summary: dict, path: Path) -> Path:
     ax.set_ylim(max(0, min(50, min(teacher + student) * 100 - 5)), 102)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     ax.set_title("Who knows what: teachers vs the amalgamated student")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def confusion_plot(confusion: np.ndarray, class_names: list[str], task_of: list[str], path: Path,
@@ -173,11 +179,7 @@ def confusion_plot(confusion: np.ndarray, class_names: list[str], task_of: list[
     ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(k), labels, fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 class ConfusionPlot(L.Callback):
@@ -213,8 +215,4 @@ class ConfusionPlot(L.Callback):
         out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir) / f"confusion_{stage}.png"
         title = f"Task unknown ({stage}): % of each true class (rows) per predicted class"
         self.path = confusion_plot(confusion.numpy(), list(names), list(tasks), out, title)
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key=f"{stage}/confusion", images=[str(self.path)])
+        log_to_wandb(trainer, f"{stage}/confusion", self.path)
