@@ -12,7 +12,11 @@ born-again student's first generation, with the same teachers), then measures on
   of different teachers;
 - label-free centroid pseudo-labels in the same features (SHOT, Liang et al. 2020): class centres weighted by
   the head's softmax on the pool, then nearest-centre labels refined a few rounds. If they beat the head, the
-  feature clusters hold task information the head does not use, and a training term built on them could.
+  feature clusters hold task information the head does not use, and a training term built on them could;
+- three more label-free rules (label_free.py): over-clustering with optimal transport to uniform class mass,
+  class-balanced self-training, and an in-task gate from each BatchNorm teacher's running statistics (how well
+  it tells that teacher's task from the rest, against the student's own slice mass, and the union head with
+  the gate folded in).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # the harness: presets, teachers, cached students, test set
+import label_free
 
 from amalgam.data import FASHION_MNIST_CLASSES
 from amalgam.data.fashion_mnist import load_fashion_mnist
 from amalgam.export import Student, load_student
+from amalgam.teacher import Teacher
 from amalgam.visualize import confusion_plot
 
 
@@ -83,6 +89,60 @@ def features_and_logits(student: Student, images: torch.Tensor, batch: int = 100
         feats.append(pooled.float())
         logits.append(student.model.get_classifier()(pooled).float())
     return torch.cat(feats), torch.cat(logits)
+
+
+def label_free_readouts(pool_f: torch.Tensor, pool_z: torch.Tensor, pool_y: torch.Tensor, test_f: torch.Tensor,
+                        acc) -> dict:
+    """Over-clustering and class-balanced self-training on the student's pooled features (label_free.py)."""
+    pool_probs, k = pool_z.softmax(1), pool_z.shape[1]
+    out: dict = {"over_cluster_acc": {}, "over_cluster_purity_with_labels": {}, "balanced_self_training": {}}
+    for clusters in (20, 100, 500):
+        pred, pool_cluster = label_free.over_cluster_labels(pool_f, pool_probs, test_f, clusters)
+        counts = torch.zeros(clusters, k).index_put_((pool_cluster, pool_y), torch.ones(len(pool_y)), accumulate=True)
+        out["over_cluster_acc"][clusters] = acc(pred)
+        out["over_cluster_purity_with_labels"][clusters] = round(counts.max(1).values.sum().item() / len(pool_y), 4)
+    for share in (0.1, 0.5):  # of a class's expected size in the pool
+        rows, labels = label_free.balanced_confident(pool_probs, int(share * len(pool_f) / k))
+        out["balanced_self_training"][share] = {
+            "selected_correct": round((pool_y[rows] == labels).float().mean().item(), 4),
+            "acc": acc(linear_probe(pool_f[rows], labels, test_f, k, l2=1e-3, iterations=200))}
+    return out
+
+
+def batchnorm_gates(teachers: list[dict], pool_images: torch.Tensor, test_images: torch.Tensor,
+                    test_z: torch.Tensor, y: torch.Tensor, names: list[str], task_index: torch.Tensor,
+                    setting: str, acc) -> dict:
+    """For each teacher with BatchNorm: the in-task gate from its running statistics, fitted on the pool."""
+    tasks = accuracy.SETTINGS[setting]
+    first = 0
+    out = {}
+    for index, config in enumerate(teachers):
+        width = len(tasks[config["task"]])
+        span = slice(first, first + width)
+        first += width
+        moments = label_free.BatchNormMoments(Teacher(**config).eval())
+        if not moments.layers:
+            continue
+        gate = label_free.fit_moment_gate(moments(pool_images), prior=width / len(test_z[0]))
+        with torch.no_grad():
+            g = gate(moments(test_images)).clamp(1e-4, 1 - 1e-4)
+        in_task = task_index[y] == index
+        log_p = test_z.log_softmax(1)
+        slice_mass = log_p[:, span].logsumexp(1).exp().clamp(1e-6, 1 - 1e-6)
+        folded = {}
+        for weight in (0.5, 1.0, 2.0):  # the gate's log-odds, shared between the slice and the rest
+            shift = torch.full_like(log_p, -0.5) * weight * torch.logit(g)[:, None]
+            shift[:, span] *= -1
+            folded[weight] = acc((log_p + shift).argmax(1))
+        out[config["task"]] = {
+            "layers": len(moments.layers),
+            "auc_gate": round(label_free.auc(g, in_task), 4),
+            "auc_student_slice_mass": round(label_free.auc(slice_mass, in_task), 4),
+            "auc_both": round(label_free.auc(torch.logit(slice_mass) + torch.logit(g), in_task), 4),
+            "gate_mean_per_class": {n: round(g[y == i].mean().item(), 3) for i, n in enumerate(names)},
+            "head_acc_gate_folded": folded,
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
                          for i, n in enumerate(names)},
         "confusion": confusion.tolist(),
     }
+    result |= label_free_readouts(pool_f, pool_z, union_of[pool_labels[:args.pool]], test_f, acc)
+    result["batchnorm_gates"] = batchnorm_gates(teachers, pool_images[:args.pool], test_images, test_z, y, names,
+                                                task_index, args.setting, acc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.setting}-seed{args.seed}-{args.method.replace('+', '_')}"
@@ -147,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     confusion_plot(confusion.numpy(), names, task_of, out / f"{stem}.png",
                    title=f"{args.method}, {args.setting} seed {args.seed}: task-agnostic confusion (%, rows: true)")
     for key in ("head_acc", "head_wrong_task", "linear_probe_acc_with_labels", "centroid_acc_per_round",
-                "pool_mean_prediction", "head_recall", "probe_recall"):
+                "pool_mean_prediction", "head_recall", "probe_recall", "over_cluster_acc",
+                "over_cluster_purity_with_labels", "balanced_self_training", "batchnorm_gates"):
         print(f"{key}: {json.dumps(result[key])}")
     print(f"wrote {out / stem}.json and .png")
     return result
