@@ -307,3 +307,61 @@ class NeighbourConsistency(nn.Module):
         # Copies, as load_state_dict copies buffers: the source module may go on writing its own bank.
         self.keys, self.probs = (None, None) if bank is None else (bank["keys"].clone(), bank["probs"].clone())
         self.filled, self.pointer = state["filled"], state["pointer"]
+
+
+def batchnorm_moments(inputs: Tensor, layer: nn.BatchNorm2d) -> Tensor:
+    """What a BatchNorm layer's input says about each image: [B, 2C], every channel's spatial mean and mean
+    square, standardised by the layer's running statistics (0 on average over the teacher's training images)."""
+    x = inputs.float()
+    mean, var = layer.running_mean.float(), layer.running_var.float() + layer.eps
+    second = var + mean.pow(2)  # E[x^2] over the teacher's training images
+    return torch.cat([(x.mean((2, 3)) - mean) / var.sqrt(), (x.pow(2).mean((2, 3)) - second) / second], 1)
+
+
+class TaskGate(nn.Module):
+    """Which images belong to a teacher's task, read from its BatchNorm running statistics; and the student's
+    slice mass pulled toward that.
+
+    A BatchNorm teacher carries, in its running means and variances, the moments of its layers' inputs over its
+    own training images: its task. In a pool that mixes tasks, the teacher's images are the ones whose moments,
+    taken together, reproduce those statistics; images of other tasks shift them. A linear sigmoid gate over
+    each image's standardised moments (``batchnorm_moments`` at every BatchNorm input) is fitted to that, with
+    no labels: weighted by the gate, the batch's moments must be 0, and the gate's mean must stay at the task's
+    prior share ``prior`` (the union prior's: the task's classes over all classes). This is information the
+    teacher's soft targets do not carry: they say which of its classes an image resembles, not whether it is
+    one of them.
+
+    Returns two terms: ``task_gate_fit`` (mean squared weighted moment + ``prior_weight`` x the squared gap of
+    the gate's mean to the prior + ``l2`` x the squared gate weights), which trains the gate alone since the
+    moments come from the frozen teacher; and ``task_gate``, the binary cross-entropy of the student's mass on
+    the teacher's slice against the detached gate.
+
+    Args:
+        num_moments: width of the moments (2 x the channels of all BatchNorm inputs read).
+        prior: the task's expected share of the pool, in (0, 1).
+    """
+
+    def __init__(self, num_moments: int, prior: float, l2: float = 1e-2, prior_weight: float = 10.0) -> None:
+        super().__init__()
+        if not 0.0 < prior < 1.0:
+            raise ValueError(f"task gate prior must be in (0, 1), got {prior}")
+        self.prior, self.l2, self.prior_weight = prior, l2, prior_weight
+        # Moments of different layers differ in scale by orders of magnitude; the gate sees them standardised.
+        self.normalise = nn.BatchNorm1d(num_moments, affine=False)
+        self.linear = nn.Linear(num_moments, 1)
+        nn.init.zeros_(self.linear.weight)  # starts at the prior for every image
+        nn.init.constant_(self.linear.bias, math.log(prior / (1 - prior)))
+
+    def gate(self, moments: Tensor) -> Tensor:
+        """[B, D] moments -> [B] probability that each image is of the teacher's task."""
+        return torch.sigmoid(self.linear(self.normalise(moments.float()))).squeeze(1)
+
+    def forward(self, moments: Tensor, slice_mass: Tensor) -> dict[str, Tensor]:
+        with torch.autocast(moments.device.type, enabled=False):
+            moments = moments.float()
+            g = self.gate(moments)
+            matched = (g[:, None] * moments).sum(0) / g.sum().clamp_min(1e-6)
+            fit = (matched.pow(2).mean() + self.prior_weight * (g.mean() - self.prior) ** 2
+                   + self.l2 * self.linear.weight.pow(2).sum())
+            mass = slice_mass.float().clamp(1e-6, 1 - 1e-6)
+            return {"task_gate_fit": fit, "task_gate": F.binary_cross_entropy(mass, g.detach())}

@@ -28,8 +28,10 @@ from amalgam.losses import (
     ReconstructionLoss,
     SelfLabel,
     SoftTargetKD,
+    TaskGate,
     UnionPrior,
     ViewContrast,
+    batchnorm_moments,
     slice_mass,
 )
 from amalgam.teacher import Teacher, TeacherConfig
@@ -37,9 +39,11 @@ from amalgam.teacher_cache import TeacherCache
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy), self-labelling, view
-# contrast, neighbour consistency and born-again imitation are ours, off by default.
+# contrast, neighbour consistency, born-again imitation and the BatchNorm task gate are ours, off by default.
 DEFAULT_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0, "balance": 0.0, "entropy": 0.0, "selflabel": 0.0,
-                   "contrast": 0.0, "neighbour": 0.0, "union_kd": 0.0}
+                   "contrast": 0.0, "neighbour": 0.0, "union_kd": 0.0, "task_gate": 0.0}
+# Terms that train only a module of their own, never the student: their scale does not matter, weight 1.
+UNWEIGHTED = {"task_gate_fit"}
 
 
 class StudentConfig(TypedDict):
@@ -84,7 +88,9 @@ class AmalgamationModule(L.LightningModule):
             augmented view of each image must pick its plain view out of the batch; shares self-labelling's
             extra pass; 0 = off), and of ``neighbour``
             (``losses.NeighbourConsistency``: images close in the teachers' joint features get the same union
-            class; 0 = off).
+            class; 0 = off), and of ``task_gate`` (``losses.TaskGate``: for every teacher with BatchNorm
+            layers, a gate fitted to its running statistics says which images are of its task, and the
+            student's mass on that teacher's slice is pulled toward it; 0 = off).
         mmd_bandwidths: Gaussian kernel sigmas (paper: 0.001 ... 2).
         optimizer: optimizer class (``class_path`` in YAML; default Adam); it gets parameter groups carrying
             their own ``lr`` and ``weight_decay``, so set those here rather than in its init_args.
@@ -235,6 +241,9 @@ class AmalgamationModule(L.LightningModule):
             raise ValueError(f"loss_weights.neighbour looks for neighbours in the teachers' features, but teachers "
                              f"{untapped} have no taps: give each at least one (e.g. taps: [pooled])")
         self.neighbour_loss = NeighbourConsistency(neighbour_bank_size, neighbour_k) if weights["neighbour"] else None
+        # Built only when used; the hooks read each BatchNorm teacher's layer inputs during the teachers' pass.
+        self._moments: dict[str, list[Tensor]] = {}
+        self.task_gates = self._build_task_gates() if weights["task_gate"] else None
         self._build_metrics()
         self._teacher_cache: TeacherCache | None = None
 
@@ -250,6 +259,29 @@ class AmalgamationModule(L.LightningModule):
                              f"the teachers' union is {expected}: give a student of the same tasks and classes, "
                              f"in the same order")
         return union_teacher.requires_grad_(False)
+
+    def _build_task_gates(self) -> nn.ModuleDict:
+        if self.hparams.teacher_cache:
+            raise ValueError("loss_weights.task_gate reads the teachers' BatchNorm inputs on every step, but "
+                             "model.teacher_cache skips the teachers on repeated views: turn one of them off")
+        gates = {}
+        for teacher, (start, stop) in zip(self._teachers, self.slices):
+            layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
+            if not layers:
+                continue
+            store = self._moments[teacher.task] = []
+            for layer in layers:
+                layer.register_forward_pre_hook(
+                    lambda layer, inputs, store=store: store.append(batchnorm_moments(inputs[0], layer))
+                    if self.training else None)
+            gates[teacher.task] = TaskGate(2 * sum(m.num_features for m in layers),
+                                           prior=(stop - start) / self.num_classes)
+        if not gates:
+            raise ValueError(f"loss_weights.task_gate reads BatchNorm running statistics, but none of the teachers "
+                             f"{self.task_names} has BatchNorm layers (LayerNorm networks such as ViT and ConvNeXt "
+                             f"keep none): set it to 0")
+        rank_zero_info(f"task gate: teachers {sorted(gates)} (the others have no BatchNorm)")
+        return nn.ModuleDict(gates)
 
     def _build_projector(self, out_dim: int) -> nn.Sequential:
         shapes = self.student.tap_shapes()
@@ -315,6 +347,8 @@ class AmalgamationModule(L.LightningModule):
 
     def teacher_outputs(self, images: Tensor) -> list[Features]:
         def run(x: Tensor) -> list[Features]:
+            for store in self._moments.values():
+                store.clear()
             if self.hparams.teacher_flip_average:
                 return [mirror_average(teacher(torch.cat([x, x.flip(-1)]))) for teacher in self._teachers]
             return [teacher(x) for teacher in self._teachers]
@@ -362,6 +396,24 @@ class AmalgamationModule(L.LightningModule):
             terms |= self.union_prior(student.logits)
         if self.neighbour_loss is not None:
             terms["neighbour"] = self.neighbour_loss(self.neighbour_keys(teachers), student.logits)
+        if self.task_gates is not None:
+            terms |= self.task_gate_terms(student.logits)
+        return terms
+
+    def task_gate_terms(self, student_logits: Tensor) -> dict[str, Tensor]:
+        """``losses.TaskGate`` for every BatchNorm teacher, summed, on the moments its hooks read this step."""
+        mass = slice_mass(F.softmax(student_logits.float(), dim=1), self.slices)
+        terms: dict[str, Tensor] = {}
+        for index, task in enumerate(self.task_names):
+            if task not in self.task_gates:
+                continue
+            # Read under the teachers' inference mode: a copy may enter autograd. A mirrored second half
+            # (teacher_flip_average) is averaged into the first, like the teachers' outputs.
+            moments = torch.cat(self._moments[task], 1).clone()
+            if len(moments) == 2 * len(mass):
+                moments = sum(moments.chunk(2)) / 2
+            for name, value in self.task_gates[task](moments, mass[:, index]).items():
+                terms[name] = terms[name] + value if name in terms else value
         return terms
 
     @torch.no_grad()
@@ -403,7 +455,7 @@ class AmalgamationModule(L.LightningModule):
         return self.union_kd_loss(student.logits, [target], [(0, self.num_classes)])
 
     def combine_losses(self, terms: dict[str, Tensor]) -> Tensor:
-        return sum(self.loss_weights[name] * value for name, value in terms.items())
+        return sum((1.0 if name in UNWEIGHTED else self.loss_weights[name]) * value for name, value in terms.items())
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # A training batch's crop/flip and dropout draw from a seed fixed by (seed, epoch, batch): a run
@@ -539,6 +591,8 @@ class AmalgamationModule(L.LightningModule):
                   {"name": "blocks", "params": list(self.blocks.parameters()), "lr": hp.block_lr or hp.lr}]
         if self.projector is not None:
             groups.append({"name": "projector", "params": list(self.projector.parameters()), "lr": hp.lr})
+        if self.task_gates is not None:  # a linear fit of fixed teacher statistics: faster than the student
+            groups.append({"name": "task_gate", "params": list(self.task_gates.parameters()), "lr": 10 * hp.lr})
         return [dict(g, weight_decay=hp.weight_decay) for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:

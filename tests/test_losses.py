@@ -16,7 +16,9 @@ from amalgam.losses import (
     ReconstructionLoss,
     SelfLabel,
     SoftTargetKD,
+    TaskGate,
     ViewContrast,
+    batchnorm_moments,
 )
 
 
@@ -653,3 +655,127 @@ def test_contrast_on_a_feature_map_pools_it_and_needs_a_tap():
     with pytest.raises(ValueError, match="student has no taps"):
         AmalgamationModule([teacher("a", "resnet", tap=None)], student(tap=None), loss_weights={
             "contrast": 1.0, "mmd": 0.0, "recon": 0.0})
+
+
+# ---------------------------------------------------------------- the BatchNorm task gate
+
+
+def test_batchnorm_moments_match_a_per_image_per_channel_reference():
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm2d(3)
+    layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    layer.running_var.copy_(torch.tensor([0.25, 4.0, 1.0]))
+    x = torch.randn(4, 3, 5, 6)
+    got = batchnorm_moments(x, layer)
+    assert got.shape == (4, 6)
+    for i in range(4):
+        for c in range(3):
+            mu, var = layer.running_mean[c].double(), layer.running_var[c].double() + layer.eps
+            pixels = x[i, c].double().flatten()
+            assert got[i, c].item() == pytest.approx(((pixels.mean() - mu) / var.sqrt()).item(), rel=1e-4, abs=1e-5)
+            second = var + mu ** 2
+            expected = ((pixels ** 2).mean() - second) / second
+            assert got[i, 3 + c].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+    # Images drawn like the running statistics have moments near 0 on average.
+    like = torch.randn(2000, 3, 4, 4) * layer.running_var.sqrt()[:, None, None] + layer.running_mean[:, None, None]
+    assert batchnorm_moments(like, layer).mean(0).abs().max() < 0.05
+
+
+def test_task_gate_terms_match_their_definitions():
+    torch.manual_seed(0)
+    gate = TaskGate(6, prior=0.3, l2=0.1, prior_weight=2.0)
+    assert torch.allclose(gate.gate(torch.randn(5, 6)), torch.full((5,), 0.3))  # starts at the prior
+    torch.nn.init.normal_(gate.linear.weight)
+    moments, mass = torch.randn(8, 6), torch.rand(8)
+    terms = gate(moments, mass)
+    # Reference: the gate on batch-standardised moments, in float64, row by row.
+    z = (moments.double() - moments.double().mean(0)) / (moments.double().var(0, unbiased=False) + 1e-5).sqrt()
+    w, b = gate.linear.weight.double()[0], gate.linear.bias.double()[0]
+    g = [1 / (1 + math.exp(-(z[i] @ w + b).item())) for i in range(8)]
+    matched = sum(g[i] * moments[i].double() for i in range(8)) / sum(g)
+    fit = matched.pow(2).mean().item() + 2.0 * (sum(g) / 8 - 0.3) ** 2 + 0.1 * (w ** 2).sum().item()
+    bce = -sum(g[i] * math.log(mass[i]) + (1 - g[i]) * math.log(1 - mass[i]) for i in range(8)) / 8
+    assert terms["task_gate_fit"].item() == pytest.approx(fit, rel=1e-4)
+    assert terms["task_gate"].item() == pytest.approx(bce, rel=1e-4)
+
+
+def test_task_gate_fit_finds_the_images_that_reproduce_the_running_statistics():
+    # A pool of 40% in-task images (moments 0 on average, as the running statistics say) and 60% images of
+    # other tasks (moments shifted along some channels): fitting the gate alone must single out the first.
+    torch.manual_seed(0)
+    n, d = 1000, 12
+    in_task = torch.rand(n) < 0.4
+    shift = torch.zeros(d)
+    shift[:4] = 1.5
+    moments = torch.randn(n, d) * 0.5 + (~in_task)[:, None] * shift
+    gate = TaskGate(d, prior=0.4)
+    opt = torch.optim.Adam(gate.parameters(), lr=2e-2)
+    for _ in range(300):
+        loss = gate(moments, torch.full((n,), 0.5))["task_gate_fit"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    g = gate.eval().gate(moments).detach()
+    assert g[in_task].mean() > 0.7 > 0.2 > g[~in_task].mean()
+    assert abs(g.mean().item() - 0.4) < 0.05
+
+
+def test_task_gate_fit_trains_the_gate_and_the_target_trains_only_the_student():
+    gate = TaskGate(4, prior=0.5)
+    moments = torch.randn(6, 4)
+    mass = torch.rand(6, requires_grad=True)
+    terms = gate(moments, mass)
+    terms["task_gate"].backward(retain_graph=True)
+    assert mass.grad.abs().sum() > 0 and gate.linear.weight.grad is None  # the gate is a detached target
+    terms["task_gate_fit"].backward()
+    assert gate.linear.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="prior"):
+        TaskGate(4, prior=1.0)
+
+
+def test_task_gate_weight_gates_every_batchnorm_teacher_from_its_own_layer_inputs():
+    torch.manual_seed(0)
+    vit = teacher("b", "vit", tap="vector")
+    module = AmalgamationModule([teacher("a", "resnet", tap="vector"), vit], student(tap="vector"),
+                                block_width=8, block_depth=1, loss_weights={"task_gate": 1.0})
+    assert tiny_module().task_gates is None  # off by default: nothing in checkpoints
+    assert list(module.task_gates) == ["a"]  # the ViT teacher has no BatchNorm
+    layers = [m for m in module.teachers[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert module.task_gates["a"].linear.in_features == 2 * sum(m.num_features for m in layers)
+    assert "task_gate" in [g["name"] for g in module.parameter_groups()]
+    images = torch.rand(8, 3, SIZE, SIZE)
+    loss, seen, _ = watch_step(module.train(), images)
+    terms = seen["terms"]
+    assert {"task_gate", "task_gate_fit"} <= set(terms)
+    # The terms are TaskGate's own on the moments of the teacher's BatchNorm inputs and the student's slice mass.
+    reference_gate = TaskGate(module.task_gates["a"].linear.in_features, prior=2 / 5)
+    reference_gate.load_state_dict(module.task_gates["a"].state_dict())
+    reference_gate.normalise.running_mean.zero_()
+    reference_gate.normalise.running_var.fill_(1)
+    seen_inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: seen_inputs.append(batchnorm_moments(i[0], m))) for m in layers]
+    module.eval()
+    module.teachers[0](images)
+    for hook in hooks:
+        hook.remove()
+    mass = F.softmax(seen["outputs"][0].logits.detach(), 1)[:, :2].sum(1)
+    expected = reference_gate(torch.cat(seen_inputs, 1), mass)
+    assert terms["task_gate"].item() == pytest.approx(expected["task_gate"].item(), rel=1e-4)
+    assert terms["task_gate_fit"].item() == pytest.approx(expected["task_gate_fit"].item(), rel=1e-4)
+    # The fit counts with weight 1 whatever task_gate's weight: it trains the gate only.
+    assert loss.item() == pytest.approx(sum((1.0 if k == "task_gate_fit" else module.loss_weights[k]) * v.item()
+                                            for k, v in terms.items()), rel=1e-5)
+    terms["task_gate"].backward(retain_graph=True)
+    assert module.student.model.get_classifier().weight.grad.abs().sum() > 0
+    assert module.task_gates["a"].linear.weight.grad is None
+    terms["task_gate_fit"].backward()
+    assert module.task_gates["a"].linear.weight.grad.abs().sum() > 0
+
+
+def test_task_gate_names_what_it_cannot_work_with():
+    with pytest.raises(ValueError, match=r"none of the teachers \['a'\] has BatchNorm"):
+        AmalgamationModule([teacher("a", "vit", tap="vector")], student(tap="vector"),
+                           loss_weights={"task_gate": 1.0})
+    with pytest.raises(ValueError, match="teacher_cache"):
+        AmalgamationModule([teacher("a", "resnet", tap="vector")], student(tap="vector"),
+                           loss_weights={"task_gate": 1.0}, teacher_cache=64)
