@@ -103,6 +103,9 @@ ABLATIONS = {
     "amalgam+reborn": {"loss_weights": {"union_kd": 1.0}},
     "amalgam+reborn_from_selflabel": {"loss_weights": {"union_kd": 1.0}},
     "amalgam+neighbour": {"loss_weights": {"neighbour": 1.0}},
+    # The BatchNorm task gate at 0.3, a light pull: the gate is a guess about the task, not a label.
+    "amalgam+task_gate": {"loss_weights": {"task_gate": 0.3}},
+    "amalgam+selflabel+task_gate": {"loss_weights": {"selflabel": 1.0, "task_gate": 0.3}},
     "amalgam+ema": {},
 }
 REBORN_FROM = {"amalgam+reborn": "amalgam", "amalgam+reborn_from_selflabel": "amalgam+selflabel"}
