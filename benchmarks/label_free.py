@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from amalgam.losses import batchnorm_moments
 from amalgam.teacher import Teacher
 
 
@@ -78,7 +79,8 @@ def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
 
 class BatchNormMoments:
     """Per-image first and second moments of every channel at each BatchNorm input of a teacher, standardised
-    by the layer's running statistics: a column is 0 on average over images like the teacher's training set."""
+    by the layer's running statistics (``losses.batchnorm_moments``, what ``losses.TaskGate`` reads in
+    training): a column is 0 on average over images like the teacher's training set."""
 
     def __init__(self, teacher: Teacher) -> None:
         self.teacher = teacher
@@ -94,12 +96,7 @@ class BatchNormMoments:
             for i in range(0, len(images), batch):
                 seen.clear()
                 self.teacher(images[i:i + batch, None].expand(-1, 3, -1, -1).float().div(255))
-                cols = []
-                for x, layer in zip(seen, self.layers):
-                    mean, var = layer.running_mean, layer.running_var
-                    second = var + mean.pow(2)  # E[x^2] over the teacher's training images
-                    cols += [(x.mean((2, 3)) - mean) / var.sqrt(), (x.pow(2).mean((2, 3)) - second) / second]
-                rows.append(torch.cat(cols, 1))
+                rows.append(torch.cat([batchnorm_moments(x, layer) for x, layer in zip(seen, self.layers)], 1))
         finally:
             for hook in hooks:
                 hook.remove()
