@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                      # CPU preset: slim models, short schedule (~1 h, 2 cores)
     python benchmarks/accuracy.py --preset gpu         # the full schedule (resnet18 student, 30 epochs)
+    python benchmarks/accuracy.py --preset cpu_bn      # the CPU preset with BatchNorm teachers only
     python benchmarks/accuracy.py --settings S2 --seeds 0 --methods kd_slice amalgam   # a slice of the grid
     python benchmarks/accuracy.py --methods amalgam --loss-weights '{entropy: 0.3}'   # one weight changed
     python benchmarks/accuracy.py --methods amalgam --module-args '{temperature: 2.0}'  # another argument
@@ -60,6 +61,18 @@ PRESETS = {
         ],
         "student": {"arch": "resnet18", "model_kwargs": {"channels": [32, 64, 128, 256]}, "input_size": 28, **GRAY},
         # Teachers see all of their task's images; students a fixed subset of the unlabeled pool.
+        "teacher_epochs": 2, "student_epochs": 2, "train_limit": 20000, "teacher_train_limit": None,
+        "batch_size": 128,
+    },
+    # The CPU preset with every teacher a BatchNorm network of its own family (ResNet, RegNet, MobileNetV3), where
+    # the BatchNorm task gate (loss_weights.task_gate) reads every teacher, not only the ResNet.
+    "cpu_bn": {
+        "teachers": [
+            {"arch": "resnet10t", "model_kwargs": {"channels": [32, 64, 128, 256]}, "input_size": 28, **GRAY},
+            {"arch": "regnetx_002", "input_size": 28, **GRAY},
+            {"arch": "mobilenetv3_small_100", "input_size": 32, **GRAY},
+        ],
+        "student": {"arch": "resnet18", "model_kwargs": {"channels": [32, 64, 128, 256]}, "input_size": 28, **GRAY},
         "teacher_epochs": 2, "student_epochs": 2, "train_limit": 20000, "teacher_train_limit": None,
         "batch_size": 128,
     },

@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.setting}-seed{args.seed}-{args.method.replace('+', '_')}"
+    stem += "" if args.preset == "cpu" else f"-{args.preset}"  # the CPU preset's files keep their names
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     confusion_plot(confusion.numpy(), names, task_of, out / f"{stem}.png",
                    title=f"{args.method}, {args.setting} seed {args.seed}: task-agnostic confusion (%, rows: true)")

@@ -152,6 +152,19 @@ def test_reborn_students_learn_from_a_first_generation_trained_and_exported_once
     assert accuracy.REBORN_FROM["amalgam+reborn_from_selflabel"] == "amalgam+selflabel"
 
 
+def test_batchnorm_preset_gives_every_teacher_a_task_gate(tmp_path):
+    preset = accuracy.PRESETS["cpu_bn"] | {"root": accuracy.DEFAULT_ROOT, "teacher_epochs": 1,
+                                           "teacher_train_limit": 64}
+    teachers = accuracy.teacher_configs("S3", 0, preset, tmp_path)
+    assert len({t["arch"] for t in teachers}) == 3  # three families
+    student = accuracy.build_student("amalgam+selflabel+task_gate", teachers, preset, seed=0)
+    assert sorted(student.task_gates) == ["a", "b", "c"]
+    # On the CPU preset only the ResNet teacher has BatchNorm: one gate.
+    plain = accuracy.PRESETS["cpu"] | {"root": accuracy.DEFAULT_ROOT, "teacher_epochs": 1, "teacher_train_limit": 64}
+    teachers = accuracy.teacher_configs("S3", 0, plain, tmp_path)
+    assert sorted(accuracy.build_student("amalgam+selflabel+task_gate", teachers, plain, seed=0).task_gates) == ["a"]
+
+
 # ---------------------------------------------------------------- union_diagnostics.py (no training)
 
 
