@@ -356,12 +356,36 @@ class TaskGate(nn.Module):
         """[B, D] moments -> [B] probability that each image is of the teacher's task."""
         return torch.sigmoid(self.linear(self.normalise(moments.float()))).squeeze(1)
 
-    def forward(self, moments: Tensor, slice_mass: Tensor) -> dict[str, Tensor]:
+    def fit(self, moments: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, D] moments -> (the ``task_gate_fit`` term, the gate [B] with its graph)."""
         with torch.autocast(moments.device.type, enabled=False):
             moments = moments.float()
             g = self.gate(moments)
             matched = (g[:, None] * moments).sum(0) / g.sum().clamp_min(1e-6)
             fit = (matched.pow(2).mean() + self.prior_weight * (g.mean() - self.prior) ** 2
                    + self.l2 * self.linear.weight.pow(2).sum())
-            mass = slice_mass.float().clamp(1e-6, 1 - 1e-6)
-            return {"task_gate_fit": fit, "task_gate": F.binary_cross_entropy(mass, g.detach())}
+            return fit, g
+
+    def log_odds(self, g: Tensor) -> Tensor:
+        """The gate's evidence for the task against its prior: 0 where the gate says no more than the prior."""
+        g = g.detach().float().clamp(1e-4, 1 - 1e-4)
+        return torch.logit(g) - math.log(self.prior / (1 - self.prior))
+
+    def forward(self, moments: Tensor, slice_mass: Tensor) -> dict[str, Tensor]:
+        fit, g = self.fit(moments)
+        mass = slice_mass.float().clamp(1e-6, 1 - 1e-6)
+        return {"task_gate_fit": fit, "task_gate": F.binary_cross_entropy(mass, g.detach())}
+
+
+def gated_task_loss(log_task: Tensor, log_odds: Tensor) -> Tensor:
+    """Cross-entropy of the student's task distribution against itself reweighted by the gates' evidence.
+
+    ``log_task`` [B, tasks] is the log of the student's mass on each teacher's slice (rows sum to 1);
+    ``log_odds`` [B, tasks] each gate's ``TaskGate.log_odds`` (0 for a teacher without a gate). The target is
+    the product of the two, renormalised over tasks: a gate that says nothing beyond its prior leaves the
+    target at the student's own belief and the gradient at zero, where pulling toward an uncalibrated gate
+    (``TaskGate``'s own term) would drag every image's slice mass toward the gate's value.
+    """
+    with torch.autocast(log_task.device.type, enabled=False):
+        target = F.softmax(log_task.detach().float() + log_odds.float(), dim=1)
+        return -(target * log_task.float()).sum(1).mean()

@@ -32,6 +32,7 @@ from amalgam.losses import (
     UnionPrior,
     ViewContrast,
     batchnorm_moments,
+    gated_task_loss,
     slice_mass,
 )
 from amalgam.teacher import Teacher, TeacherConfig
@@ -90,7 +91,7 @@ class AmalgamationModule(L.LightningModule):
             (``losses.NeighbourConsistency``: images close in the teachers' joint features get the same union
             class; 0 = off), and of ``task_gate`` (``losses.TaskGate``: for every teacher with BatchNorm
             layers, a gate fitted to its running statistics says which images are of its task, and the
-            student's mass on that teacher's slice is pulled toward it; 0 = off).
+            student's mass on that teacher's slice is pulled toward it (see ``task_gate_target``); 0 = off).
         mmd_bandwidths: Gaussian kernel sigmas (paper: 0.001 ... 2).
         optimizer: optimizer class (``class_path`` in YAML; default Adam); it gets parameter groups carrying
             their own ``lr`` and ``weight_decay``, so set those here rather than in its init_args.
@@ -116,6 +117,10 @@ class AmalgamationModule(L.LightningModule):
             views kept. Pays off without random augmentation (data ``padding: 0``, ``flip: false``): epochs
             after the first then run no teacher at all.
         selflabel_threshold: confidence a pseudo-label needs to count in the ``selflabel`` term.
+        task_gate_target: what the ``task_gate`` term pulls the student toward: ``"gate"`` (each gated
+            teacher's slice mass toward its gate, binary cross-entropy) or ``"product"`` (the student's task
+            distribution times every gate's odds against its prior, renormalised: ``losses.gated_task_loss``;
+            a gate that tells nothing leaves the student alone).
         selflabel_target: what the ``selflabel`` term labels: ``"class"`` (the union class) or ``"task"`` (only
             which teacher's slice the image belongs to; the soft targets keep the distribution inside it).
         teacher_flip_average: the teachers see each training view and its mirror image, and their logits and
@@ -167,6 +172,7 @@ class AmalgamationModule(L.LightningModule):
         teacher_cache: bool | int = False,
         selflabel_threshold: float = 0.95,
         selflabel_target: Literal["class", "task"] = "class",
+        task_gate_target: Literal["gate", "product"] = "gate",
         teacher_flip_average: bool = False,
         mixup_alpha: float = 0.0,
         shared_strong_view: bool = False,
@@ -225,6 +231,8 @@ class AmalgamationModule(L.LightningModule):
             raise ValueError(f"model.mixup_alpha must be >= 0 (0 turns mixup off), got {mixup_alpha}")
         if selflabel_target not in ("class", "task"):
             raise ValueError(f"model.selflabel_target must be 'class' or 'task', got {selflabel_target!r}")
+        if task_gate_target not in ("gate", "product"):
+            raise ValueError(f"model.task_gate_target must be 'gate' or 'product', got {task_gate_target!r}")
         self.self_label = SelfLabel(selflabel_threshold)
         self.view_contrast = ViewContrast(contrast_temperature)
         # Built only when used, so that checkpoints without the term keep their keys.
@@ -401,8 +409,11 @@ class AmalgamationModule(L.LightningModule):
         return terms
 
     def task_gate_terms(self, student_logits: Tensor) -> dict[str, Tensor]:
-        """``losses.TaskGate`` for every BatchNorm teacher, summed, on the moments its hooks read this step."""
+        """``losses.TaskGate`` for every BatchNorm teacher, summed, on the moments its hooks read this step;
+        with ``task_gate_target="product"`` one ``losses.gated_task_loss`` over all tasks instead."""
         mass = slice_mass(F.softmax(student_logits.float(), dim=1), self.slices)
+        product = self.hparams.task_gate_target == "product"
+        log_odds = torch.zeros_like(mass)
         terms: dict[str, Tensor] = {}
         for index, task in enumerate(self.task_names):
             if task not in self.task_gates:
@@ -412,8 +423,18 @@ class AmalgamationModule(L.LightningModule):
             moments = torch.cat(self._moments[task], 1).clone()
             if len(moments) == 2 * len(mass):
                 moments = sum(moments.chunk(2)) / 2
-            for name, value in self.task_gates[task](moments, mass[:, index]).items():
+            if product:
+                fit, g = self.task_gates[task].fit(moments)
+                log_odds[:, index] = self.task_gates[task].log_odds(g)
+                pairs = {"task_gate_fit": fit}
+            else:
+                pairs = self.task_gates[task](moments, mass[:, index])
+            for name, value in pairs.items():
                 terms[name] = terms[name] + value if name in terms else value
+        if product:
+            log_probs = student_logits.float().log_softmax(1)
+            log_task = torch.stack([log_probs[:, a:b].logsumexp(1) for a, b in self.slices], 1)
+            terms["task_gate"] = gated_task_loss(log_task, log_odds)
         return terms
 
     @torch.no_grad()

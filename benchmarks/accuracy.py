@@ -119,6 +119,9 @@ ABLATIONS = {
     # The BatchNorm task gate at 0.3, a light pull: the gate is a guess about the task, not a label.
     "amalgam+task_gate": {"loss_weights": {"task_gate": 0.3}},
     "amalgam+selflabel+task_gate": {"loss_weights": {"selflabel": 1.0, "task_gate": 0.3}},
+    # The gates' odds multiply the student's own task distribution: a gate that tells nothing does nothing.
+    "amalgam+selflabel+task_gate_product": {"loss_weights": {"selflabel": 1.0, "task_gate": 1.0},
+                                            "task_gate_target": "product"},
     "amalgam+ema": {},
 }
 REBORN_FROM = {"amalgam+reborn": "amalgam", "amalgam+reborn_from_selflabel": "amalgam+selflabel"}

@@ -19,6 +19,7 @@ from amalgam.losses import (
     TaskGate,
     ViewContrast,
     batchnorm_moments,
+    gated_task_loss,
 )
 
 
@@ -779,3 +780,55 @@ def test_task_gate_names_what_it_cannot_work_with():
     with pytest.raises(ValueError, match="teacher_cache"):
         AmalgamationModule([teacher("a", "resnet", tap="vector")], student(tap="vector"),
                            loss_weights={"task_gate": 1.0}, teacher_cache=64)
+    with pytest.raises(ValueError, match="task_gate_target"):
+        AmalgamationModule([teacher("a", "resnet", tap="vector")], student(tap="vector"),
+                           loss_weights={"task_gate": 1.0}, task_gate_target="gates")
+
+
+def test_gated_task_loss_matches_a_naive_product_of_experts_and_ignores_a_silent_gate():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3, requires_grad=True)
+    log_task = logits.log_softmax(1)
+    log_odds = torch.randn(5, 3)
+    loss = gated_task_loss(log_task, log_odds)
+    expected = 0.0
+    for row in range(5):  # target: the student's belief times the gates' odds, renormalised
+        weights = [math.exp(log_task[row, t].item() + log_odds[row, t].item()) for t in range(3)]
+        expected -= sum(w / sum(weights) * log_task[row, t].item() for t, w in enumerate(weights)) / 5
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    # Cross-entropy's gradient on the logits is (belief - target) / B: toward the tasks the gates favour.
+    target = F.softmax(log_task.detach() + log_odds, 1)
+    assert torch.allclose(logits.grad, (log_task.exp().detach() - target) / 5, atol=1e-6)
+    # A gate at its prior (odds 0, or the same shift for every task) moves nothing.
+    for silent in (torch.zeros(5, 3), torch.full((5, 3), 0.7)):
+        logits.grad = None
+        gated_task_loss(logits.log_softmax(1), silent).backward()
+        assert logits.grad.abs().max() < 1e-6
+
+
+def test_task_gate_log_odds_are_zero_at_the_prior_and_follow_the_gate():
+    gate = TaskGate(4, prior=0.25)
+    _, g = gate.fit(torch.randn(6, 4))
+    assert torch.allclose(g, torch.full((6,), 0.25))  # starts at the prior
+    assert gate.log_odds(g).abs().max() < 1e-5
+    assert gate.log_odds(torch.tensor([0.5, 0.1])).tolist() == pytest.approx([math.log(3), math.log(1 / 9 * 3)],
+                                                                             rel=1e-4)
+
+
+def test_product_target_pulls_every_slice_by_its_own_gate_and_trains_the_gates():
+    torch.manual_seed(0)
+    module = AmalgamationModule([teacher("a", "resnet", tap="vector"), teacher("b", "resnet", tap="vector")],
+                                student(tap="vector"), block_width=8, block_depth=1,
+                                loss_weights={"task_gate": 1.0}, task_gate_target="product")
+    assert sorted(module.task_gates) == ["a", "b"]
+    images = torch.rand(8, 3, SIZE, SIZE)
+    loss, seen, _ = watch_step(module.train(), images)
+    terms = seen["terms"]
+    assert {"task_gate", "task_gate_fit"} <= set(terms)
+    # Fresh gates sit at their priors: the product target is the student's own belief, the term its entropy.
+    logits = seen["outputs"][0].logits.detach()
+    log_task = torch.stack([logits.log_softmax(1)[:, a:b].logsumexp(1) for a, b in module.slices], 1)
+    assert terms["task_gate"].item() == pytest.approx(-(log_task.exp() * log_task).sum(1).mean().item(), rel=1e-4)
+    terms["task_gate_fit"].backward(retain_graph=True)
+    assert all(g.linear.weight.grad.abs().sum() > 0 for g in module.task_gates.values())
