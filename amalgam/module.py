@@ -117,12 +117,12 @@ class AmalgamationModule(L.LightningModule):
             views kept. Pays off without random augmentation (data ``padding: 0``, ``flip: false``): epochs
             after the first then run no teacher at all.
         selflabel_threshold: confidence a pseudo-label needs to count in the ``selflabel`` term.
+        selflabel_target: what the ``selflabel`` term labels: ``"class"`` (the union class) or ``"task"`` (only
+            which teacher's slice the image belongs to; the soft targets keep the distribution inside it).
         task_gate_target: what the ``task_gate`` term pulls the student toward: ``"gate"`` (each gated
             teacher's slice mass toward its gate, binary cross-entropy) or ``"product"`` (the student's task
             distribution times every gate's odds against its prior, renormalised: ``losses.gated_task_loss``;
             a gate that tells nothing leaves the student alone).
-        selflabel_target: what the ``selflabel`` term labels: ``"class"`` (the union class) or ``"task"`` (only
-            which teacher's slice the image belongs to; the soft targets keep the distribution inside it).
         teacher_flip_average: the teachers see each training view and its mirror image, and their logits and
             features are averaged (feature maps flipped back first): a two-view teacher ensemble gives the
             student cleaner targets. Only for images whose label survives a horizontal flip (not text or
