@@ -411,7 +411,9 @@ class AmalgamationModule(L.LightningModule):
     def task_gate_terms(self, student_logits: Tensor) -> dict[str, Tensor]:
         """``losses.TaskGate`` for every BatchNorm teacher, summed, on the moments its hooks read this step;
         with ``task_gate_target="product"`` one ``losses.gated_task_loss`` over all tasks instead."""
-        mass = slice_mass(F.softmax(student_logits.float(), dim=1), self.slices)
+        log_probs = student_logits.float().log_softmax(1)
+        log_task = torch.stack([log_probs[:, a:b].logsumexp(1) for a, b in self.slices], 1)
+        mass = log_task.exp()
         product = self.hparams.task_gate_target == "product"
         log_odds = torch.zeros_like(mass)
         terms: dict[str, Tensor] = {}
@@ -432,8 +434,6 @@ class AmalgamationModule(L.LightningModule):
             for name, value in pairs.items():
                 terms[name] = terms[name] + value if name in terms else value
         if product:
-            log_probs = student_logits.float().log_softmax(1)
-            log_task = torch.stack([log_probs[:, a:b].logsumexp(1) for a, b in self.slices], 1)
             terms["task_gate"] = gated_task_loss(log_task, log_odds)
         return terms
 
