@@ -1,6 +1,7 @@
 """The accuracy harness's bookkeeping: per-run lines -> the accuracy.json contract, and the error diagnostics' pieces
 (no training)."""
 
+import inspect
 import json
 import statistics
 import subprocess
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy
 import union_diagnostics
 
+from amalgam import AmalgamationModule
 from amalgam.export import load_student
 
 
@@ -68,6 +71,15 @@ def test_methods_are_the_library_presets_and_ablations_change_one_thing():
     contrast = accuracy.method_args("amalgam+selflabel+contrast")
     assert contrast == amalgam | {"loss_weights": amalgam["loss_weights"] | {"selflabel": 1.0, "contrast": 1.0}}
     assert accuracy.method_args("kd_concat")["kd"] == "concat"
+
+
+def test_selflabel_preset_is_the_benchmarked_ablation():
+    """configs/presets/amalgam_selflabel.yaml is what users run; it must be what the benchmark measured."""
+    init_args = yaml.safe_load((accuracy.PRESET_DIR / "amalgam_selflabel.yaml").read_text())["model"]["init_args"]
+    ablation = accuracy.method_args("amalgam+selflabel")
+    assert {k: init_args[k] for k in ablation} == ablation
+    assert init_args["selflabel_threshold"] == inspect.signature(AmalgamationModule).parameters[
+        "selflabel_threshold"].default
 
 
 def test_teachers_only_trains_the_named_tasks_once_and_stops(tmp_path, capsys):
