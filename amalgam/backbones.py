@@ -279,22 +279,30 @@ class SmallMapConv2d(nn.Conv2d):
 
     def _selection(self, h: int, w: int, like: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """``[taps, P_out * P_in]``: 1 where the kernel tap joins the (output pixel, input pixel) pair."""
+        if torch.compiler.is_compiling():  # traced once into the graph; a cache there would be a side effect
+            return self._build_selection(h, w, like)
         cache = self.__dict__.setdefault("_selection_cache", {})  # not a buffer: no state-dict entry
         key = (h, w, like.device, like.dtype)
         if key not in cache:
-            axes = []
-            for n, k, p, d, s in zip((h, w), self.kernel_size, self.padding, self.dilation, self.stride):
-                out = (n + 2 * p - d * (k - 1) - 1) // s + 1
-                offset = torch.arange(n)[None, :] - torch.arange(max(out, 0))[:, None] * s + p  # = d * tap
-                tap = offset.div(d, rounding_mode="floor")
-                axes.append((out, tap, (offset % d == 0) & (tap >= 0) & (tap < k)))
-            (ho, tap_y, ok_y), (wo, tap_x, ok_x) = axes
-            tap = (tap_y[:, None, :, None] * self.kernel_size[1] + tap_x[None, :, None, :]).flatten()
-            ok = (ok_y[:, None, :, None] & ok_x[None, :, None, :]).flatten()
-            select = torch.zeros(self.kernel_size[0] * self.kernel_size[1], tap.numel())
-            select[tap[ok], torch.arange(tap.numel())[ok]] = 1.0
-            cache[key] = select.to(like.device, like.dtype), (ho, wo)
+            cache[key] = self._build_selection(h, w, like)
         return cache[key]
+
+    def _build_selection(self, h: int, w: int, like: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        # Comparisons only, no boolean indexing: shapes never depend on values, so torch.compile traces it
+        # without a graph break.
+        axes = []
+        for n, k, p, d, s in zip((h, w), self.kernel_size, self.padding, self.dilation, self.stride):
+            out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+            offset = torch.arange(n, device=like.device)[None, :] - torch.arange(max(out, 0), device=like.device)[
+                :, None] * s + p  # = d * tap
+            tap = offset.div(d, rounding_mode="floor")
+            axes.append((out, tap, (offset % d == 0) & (tap >= 0) & (tap < k)))
+        (ho, tap_y, ok_y), (wo, tap_x, ok_x) = axes
+        tap = (tap_y[:, None, :, None] * self.kernel_size[1] + tap_x[None, :, None, :]).flatten()
+        ok = (ok_y[:, None, :, None] & ok_x[None, :, None, :]).flatten()
+        taps = torch.arange(self.kernel_size[0] * self.kernel_size[1], device=like.device)
+        select = (taps[:, None] == tap[None, :]) & ok[None, :]
+        return select.to(like.dtype), (ho, wo)
 
 
 def use_small_map_convs(model: nn.Module) -> nn.Module:

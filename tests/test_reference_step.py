@@ -100,6 +100,18 @@ def test_small_map_conv_equals_conv(conv, side, channels_last):
         torch.testing.assert_close(fast.bias.grad, plain.bias.grad)
 
 
+@pytest.mark.parametrize("side", [(1, 1), (2, 2), (2, 3)])
+def test_small_map_conv_compiles_as_one_graph(side):
+    """Under torch.compile the matrix-product path is traced whole: a graph break there split every ResNet into
+    one frame per conv, and on a GPU those frames hit dynamo's recompile limit and fell back to eager."""
+    torch.manual_seed(0)
+    conv = use_small_map_convs(nn.Conv2d(6, 5, kernel_size=3, padding=1, stride=2))
+    x = torch.randn(4, 6, *side).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(conv, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    torch.testing.assert_close(compiled(x), nn.Conv2d.forward(conv, x))
+    assert not conv.__dict__.get("_selection_cache")  # traced, not cached: no side effect inside the graph
+
+
 def test_small_map_conv_leaves_other_convs_alone():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, padding=1), nn.Conv2d(4, 4, 3, padding="same"),
                           nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
