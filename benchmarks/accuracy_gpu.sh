@@ -14,6 +14,8 @@
 #
 # METHODS may hold lanes separated by '|': each lane of a chain is a process of its own, its methods in order, so
 # METHODS="kd_slice cfl_paper|amalgam+selflabel" runs two students of each chain at once and puts cfl_paper last.
+# BASELINE holds the methods of one more lane that runs only for the seeds in BASELINE_SEEDS (default: all), on the
+# same teachers: BASELINE=amalgam BASELINE_SEEDS=0 gives a new method a paired baseline in the same call.
 # MPS=1 starts CUDA's Multi-Process Service first, so that the processes' small kernels run side by side instead
 # of taking turns on the GPU; if the daemon does not start or a CUDA context fails under it, the grid runs
 # without it (the log says which).
@@ -49,6 +51,9 @@ chain() {  # setting seed: its teachers in parallel, then its students
   wait
   local left=$((deadline - SECONDS)) lane=0 lanes lane_methods
   IFS='|' read -ra lanes <<<"$methods"
+  if [ -n "${BASELINE:-}" ] && [[ " ${BASELINE_SEEDS:-$seed} " == *" $seed "* ]]; then
+    lanes+=("$BASELINE")
+  fi
   for lane_methods in "${lanes[@]}"; do
     lane=$((lane + 1))
     # shellcheck disable=SC2086  # $lane_methods and EXTRA_ARGS are word lists

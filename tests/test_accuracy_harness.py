@@ -131,15 +131,17 @@ def test_gpu_driver_trains_teachers_per_task_then_one_process_per_lane(tmp_path)
     calls, out = tmp_path / "calls.txt", tmp_path / "out"
     env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "CALLS": str(calls),
            "RUN": json.dumps(RUNS[0]), "SETTINGS": "S3", "SEEDS": "0 1",
-           "METHODS": "kd_slice cfl_paper|amalgam+selflabel"}
+           "METHODS": "kd_slice cfl_paper|amalgam+selflabel", "BASELINE": "amalgam", "BASELINE_SEEDS": "1 7"}
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_gpu.sh"
     subprocess.run(["bash", str(script), str(out), "data", "60"], env=env, check=True, capture_output=True)
     lines = calls.read_text().splitlines()
     teachers = [line for line in lines if "--teachers-only" in line]
     assert sorted(line.split("--tasks ")[1] for line in teachers) == ["a", "a", "b", "b", "c", "c"]
     students = sorted(line.split("--methods ")[1].split(" --out")[0] for line in lines if "--methods" in line)
-    assert students == ["amalgam+selflabel", "amalgam+selflabel", "kd_slice cfl_paper", "kd_slice cfl_paper"]
-    assert len((out / "runs.jsonl").read_text().splitlines()) == 4  # every lane appended its run
+    assert students == ["amalgam", "amalgam+selflabel", "amalgam+selflabel", "kd_slice cfl_paper", "kd_slice cfl_paper"]
+    (baseline,) = [line for line in lines if "--methods amalgam " in line]
+    assert "--seeds 1 " in baseline  # the baseline lane runs for the seeds in BASELINE_SEEDS only
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 5  # every lane appended its run
     assert any("--from-runs" in line for line in lines)
 
 
