@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from amalgam.cli import main
@@ -47,3 +48,18 @@ def test_fashion_configs_run(name, tmp_path):
                 "--trainer.enable_progress_bar", "false"])
     assert cli.trainer.global_step == 2
     assert "val/acc" in cli.trainer.callback_metrics or "val/acc_union" in cli.trainer.callback_metrics
+
+
+PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_method_presets_train_on_top_of_the_fashion_run(preset, tmp_path):
+    cli = main(["fit", "--config", str(_without_checkpoints(tmp_path)), "--config", str(preset),
+                "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
+                "--data.init_args.train_limit", "512", "--data.init_args.eval_limit", "64",
+                "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 2
+    weights = yaml.safe_load(preset.read_text())["model"]["init_args"]["loss_weights"]
+    assert {k: cli.model.loss_weights[k] for k in weights} == weights
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
