@@ -293,8 +293,8 @@ class SmallMapConv2d(nn.Conv2d):
         axes = []
         for n, k, p, d, s in zip((h, w), self.kernel_size, self.padding, self.dilation, self.stride):
             out = (n + 2 * p - d * (k - 1) - 1) // s + 1
-            offset = torch.arange(n, device=like.device)[None, :] - torch.arange(max(out, 0), device=like.device)[
-                :, None] * s + p  # = d * tap
+            inputs, outputs = torch.arange(n, device=like.device), torch.arange(max(out, 0), device=like.device)
+            offset = inputs[None, :] - outputs[:, None] * s + p  # = d * tap
             tap = offset.div(d, rounding_mode="floor")
             axes.append((out, tap, (offset % d == 0) & (tap >= 0) & (tap < k)))
         (ho, tap_y, ok_y), (wo, tap_x, ok_x) = axes
