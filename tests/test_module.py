@@ -272,3 +272,26 @@ def test_class_path_teacher_is_tapped_by_hooks(tmp_path, image_tree):
                          trainer={"fast_dev_run": 1})
     cli = main(["fit", "--config", str(cfg)])
     assert cli.trainer.global_step == 1 and cli.model.blocks[0].kind == "map"
+
+
+def test_compiled_module_with_four_teacher_families_stays_under_dynamo_recompile_limit(tmp_path, image_tree,
+                                                                                        monkeypatch):
+    """Every network shares TappedNetwork.forward's code, which dynamo caches per code object: with four
+    teachers the default recompile limit ran out and the networks past it silently ran eagerly."""
+    import functools
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # trace, no codegen
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # hitting it raises
+    teachers = [teacher("a", "resnet"), teacher("b", "vit"), teacher("c", "convnext"),
+                teacher("c", "swin") | {"task": "d"}]
+    images = image_tree | {"eval": image_tree["eval"] | {"d": image_tree["eval"]["c"]}}
+    cfg = amalgam_config(tmp_path, images, teachers, student(), model_args={"compile": True},
+                         trainer={"max_steps": 2, "limit_val_batches": 1, "val_check_interval": 2})
+    try:
+        cli = main(["fit", "--config", str(cfg)])
+    finally:
+        torch._dynamo.reset()
+    assert cli.trainer.global_step == 2
+    assert torch._dynamo.config.recompile_limit >= 4 * 5
