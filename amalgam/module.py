@@ -104,6 +104,8 @@ class AmalgamationModule(L.LightningModule):
             the paper's StepLR(15, 0.1)) or ``"none"``.
         warmup_steps: linear warm-up before the cosine.
         compile: ``torch.compile`` the student, blocks and teachers (in place, state-dict keys unchanged).
+            Raises ``torch._dynamo.config.recompile_limit`` to four per network, since all networks share one
+            forward's code and dynamo counts recompiles per code object.
         channels_last: run convolutions in channels-last memory format (faster on GPUs; on CPU the 28 px
             demo's step was 1.15x faster, benchmarks/RESULTS.md).
         evaluate_teachers: also report each teacher's accuracy and their concatenated union accuracy.
