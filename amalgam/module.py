@@ -344,8 +344,8 @@ class AmalgamationModule(L.LightningModule):
             self.to(memory_format=torch.channels_last)
         if self.hparams.compile:
             # Every network runs TappedNetwork.forward, and dynamo counts recompiles per code object, not per
-            # network: each network in each grad mode takes an entry, and the default limit (8) ran out at
-            # three teachers, after which the rest ran eagerly.
+            # network: each network in each grad mode takes an entry. Three teachers and the student filled
+            # the default limit (8); a fourth teacher would have run eagerly.
             networks = 1 + len(self._teachers)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * networks)
             self.student.compile()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -278,8 +279,6 @@ def test_compiled_module_with_four_teacher_families_stays_under_dynamo_recompile
                                                                                         monkeypatch):
     """Every network shares TappedNetwork.forward's code, which dynamo caches per code object: with four
     teachers the default recompile limit ran out and the networks past it silently ran eagerly."""
-    import functools
-
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # trace, no codegen
     teachers = [teacher("a", "resnet"), teacher("b", "vit"), teacher("c", "convnext"),
