@@ -8,6 +8,7 @@
     python benchmarks/accuracy.py --methods amalgam --module-args '{temperature: 2.0}'  # another argument
     bash benchmarks/accuracy_gpu.sh OUT_DIR                 # the GPU grid: a process per teacher, then per seed
     python benchmarks/accuracy.py --from-runs OUT_DIR/runs.jsonl   # summarise runs logged by --runs-log
+    python benchmarks/accuracy.py --from-runs runs.jsonl --paired amalgam   # plus each method - amalgam, per seed
 
 Settings: S2 = tasks {0-4}, {5-9}; S3 = {0-3}, {4-6}, {7-9}. Teachers of different families are trained once per
 setting and seed, with labels on their own task only (cached under --work). Every student method starts from
@@ -361,6 +362,36 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_table(runs: list[dict], baseline: str) -> str:
+    """Per seed, every other method minus `baseline` on the same setting and seed (so on the same teachers and
+    batches), in points; then the mean over the seeds both ran. Seeds only one of the two ran are left out."""
+    lines = []
+    for setting in dict.fromkeys(r["setting"] for r in runs):
+        mine = [r for r in runs if r["setting"] == setting]
+        base = {r["seed"]: r for r in mine if r["method"] == baseline}
+        others = [m for m in dict.fromkeys(r["method"] for r in mine) if m != baseline]
+        if not base or not others:
+            continue
+        tasks = list(next(iter(base.values()))["tasks"])
+        keys = [("tasks", t) for t in tasks] + [(k, None) for k in ("acc_all", "acc_union", "acc_union_balanced")]
+        lines += [f"\n**{setting}, paired with {baseline}** (points, same seed)", "",
+                  "| method | seed | " + " | ".join(f"task {t}" for t in tasks)
+                  + " | all, task-aware | task-agnostic raw | task-agnostic balanced |",
+                  "|---" * (len(keys) + 2) + "|"]
+
+        def value(run: dict, key: tuple) -> float:
+            return run[key[0]][key[1]] if key[1] else run[key[0]]
+
+        for method in others:
+            pairs = [(r["seed"], r, base[r["seed"]]) for r in mine if r["method"] == method and r["seed"] in base]
+            deltas = [(seed, [100 * (value(r, k) - value(b, k)) for k in keys]) for seed, r, b in sorted(
+                pairs, key=lambda pair: pair[0])]
+            if len(deltas) > 1:
+                deltas.append(("mean", [statistics.fmean(d[i] for _, d in deltas) for i in range(len(keys))]))
+            lines += [f"| {method} | {seed} | " + " | ".join(f"{d:+.2f}" for d in row) + " |" for seed, row in deltas]
+    return "\n".join(lines)
+
+
 def summarize(runs: list[dict]) -> dict:
     """Per-run results (each with "setting", "method", "seed") -> the accuracy.json contract, settings and methods
     in the order first met."""
@@ -410,6 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
                                               "several processes can train one setting's teachers at once")
     p.add_argument("--from-runs", nargs="+", metavar="JSONL",
                    help="train nothing: summarise runs logged by --runs-log (several machines or processes)")
+    p.add_argument("--paired", metavar="METHOD",
+                   help="also print every other method minus METHOD per seed (same setting and seed: same teachers "
+                        "and batches), the way to compare two methods when the teachers vary between seeds")
     args = p.parse_args(argv)
     command = " ".join(["python benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
     start = time.perf_counter()
@@ -432,6 +466,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(table({k: v for k, v in results.items() if not k.startswith("_")}))
+    if args.paired:
+        print(paired_table(runs, args.paired))
     print(f"\nwrote {out} ({results['_meta']['seconds']} s of runs)")
     return results
 

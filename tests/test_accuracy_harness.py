@@ -41,6 +41,17 @@ def test_summarize_means_and_stds_per_method_and_teachers_once_per_seed():
     assert results["S2"]["teachers"] == {"a": pytest.approx(0.93), "b": pytest.approx(0.9)}
 
 
+def test_paired_table_subtracts_the_baseline_of_the_same_seed_and_skips_unpaired_seeds():
+    runs = [*RUNS, run("S2", "kd_slice", 2, 0.5, 0.5, 0.5, 0.9)]  # seed 2 has no amalgam run: left out
+    table = accuracy.paired_table(runs, "amalgam")
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| kd_slice")]
+    assert [row[1] for row in rows] == ["0", "1", "mean"]
+    # kd_slice - amalgam: task a +1 pt in both seeds; task-agnostic raw -10 and -12, mean -11.
+    assert [row[2] for row in rows] == ["+1.00", "+1.00", "+1.00"]
+    assert [row[5] for row in rows] == ["-10.00", "-12.00", "-11.00"]
+    assert accuracy.paired_table(runs, "cfl_paper") == ""  # no such baseline: nothing to pair
+
+
 def test_from_runs_writes_the_contract_from_json_lines(tmp_path):
     lines = tmp_path / "runs.jsonl"
     lines.write_text("".join(json.dumps(r) + "\n" for r in RUNS[:2]))
