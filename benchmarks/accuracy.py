@@ -343,21 +343,26 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
+METRICS = ("acc_all", "acc_union", "acc_union_balanced")
+
+
+def header(tasks: list[str], leads: tuple[str, ...] = ("method",)) -> list[str]:
+    """A results table's Markdown header: the `leads` columns, one per task, then the all-task metrics."""
+    cells = [*leads, *(f"task {t}" for t in tasks), "all, task-aware", "task-agnostic raw", "task-agnostic balanced"]
+    return ["| " + " | ".join(cells) + " |", "|---" * len(cells) + "|"]
+
+
 def table(results: dict) -> str:
     lines = []
     for setting, res in results.items():
         tasks = list(res["teachers"])
         lines += [f"\n**{setting}** (teachers: " + ", ".join(f"{t} {100 * a:.2f}" for t, a in res["teachers"].items())
-                  + f"; teachers concatenated, task-agnostic {100 * res['teachers_concat']:.2f})", "",
-                  "| method | " + " | ".join(f"task {t}" for t in tasks)
-                  + " | all, task-aware | task-agnostic raw | task-agnostic balanced |",
-                  "|---" * (len(tasks) + 4) + "|"]
+                  + f"; teachers concatenated, task-agnostic {100 * res['teachers_concat']:.2f})", "", *header(tasks)]
         for method, m in res.items():
             if method in ("teachers", "teachers_concat"):
                 continue
             cells = [f"{100 * m['tasks'][t]:.2f} ± {100 * m['std']['tasks'][t]:.2f}" for t in tasks]
-            cells += [f"{100 * m[k]:.2f} ± {100 * m['std'][k]:.2f}" for k in ("acc_all", "acc_union",
-                                                                              "acc_union_balanced")]
+            cells += [f"{100 * m[k]:.2f} ± {100 * m['std'][k]:.2f}" for k in METRICS]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -365,6 +370,9 @@ def table(results: dict) -> str:
 def paired_table(runs: list[dict], baseline: str) -> str:
     """Per seed, every other method minus `baseline` on the same setting and seed (so on the same teachers and
     batches), in points; then the mean over the seeds both ran. Seeds only one of the two ran are left out."""
+    def values(run: dict) -> list[float]:  # in the header's column order
+        return [100 * a for a in run["tasks"].values()] + [100 * run[k] for k in METRICS]
+
     lines = []
     for setting in dict.fromkeys(r["setting"] for r in runs):
         mine = [r for r in runs if r["setting"] == setting]
@@ -373,22 +381,13 @@ def paired_table(runs: list[dict], baseline: str) -> str:
         if not base or not others:
             continue
         tasks = list(next(iter(base.values()))["tasks"])
-        keys = [("tasks", t) for t in tasks] + [(k, None) for k in ("acc_all", "acc_union", "acc_union_balanced")]
-        lines += [f"\n**{setting}, paired with {baseline}** (points, same seed)", "",
-                  "| method | seed | " + " | ".join(f"task {t}" for t in tasks)
-                  + " | all, task-aware | task-agnostic raw | task-agnostic balanced |",
-                  "|---" * (len(keys) + 2) + "|"]
-
-        def value(run: dict, key: tuple) -> float:
-            return run[key[0]][key[1]] if key[1] else run[key[0]]
-
+        lines += [f"\n**{setting}, paired with {baseline}** (points, same seed)", "", *header(tasks, ("method", "seed"))]
         for method in others:
-            pairs = [(r["seed"], r, base[r["seed"]]) for r in mine if r["method"] == method and r["seed"] in base]
-            deltas = [(seed, [100 * (value(r, k) - value(b, k)) for k in keys]) for seed, r, b in sorted(
-                pairs, key=lambda pair: pair[0])]
-            if len(deltas) > 1:
-                deltas.append(("mean", [statistics.fmean(d[i] for _, d in deltas) for i in range(len(keys))]))
-            lines += [f"| {method} | {seed} | " + " | ".join(f"{d:+.2f}" for d in row) + " |" for seed, row in deltas]
+            runs_of = sorted((r for r in mine if r["method"] == method and r["seed"] in base), key=lambda r: r["seed"])
+            rows = [(r["seed"], [a - b for a, b in zip(values(r), values(base[r["seed"]]))]) for r in runs_of]
+            if len(rows) > 1:
+                rows.append(("mean", [statistics.fmean(column) for column in zip(*(d for _, d in rows))]))
+            lines += [f"| {method} | {seed} | " + " | ".join(f"{d:+.2f}" for d in row) + " |" for seed, row in rows]
     return "\n".join(lines)
 
 
