@@ -98,6 +98,8 @@ PRESETS = {
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
 METHOD_KEYS = ("kd", "temperature", "loss_weights", "mmd_bandwidths", "teacher_flip_average")
 METHODS = ["supervised", "kd_concat", "kd_slice", "cfl_paper", "amalgam"]
+# The other presets (amalgam_selflabel, amalgam_long) run as methods under their file names.
+PRESET_METHODS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if p.stem not in METHODS)
 # Ablations of the amalgam preset: each switches one of its ideas off (-) or an optional one on (+), by loss
 # weights or other module arguments. "+ema" evaluates an exponential moving average of the student's weights
 # (Lightning's EMAWeightAveraging, time constant a tenth of the run's steps).
@@ -412,8 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + list(ABLATIONS),
-                   help="methods to run; ablations of the amalgam preset: " + ", ".join(ABLATIONS))
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + PRESET_METHODS + list(ABLATIONS),
+                   help="methods to run: the presets in configs/presets/, and ablations of the amalgam preset: "
+                   + ", ".join(ABLATIONS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--student-epochs", type=int, help="override the preset")
     p.add_argument("--teacher-epochs", type=int, help="override the preset")

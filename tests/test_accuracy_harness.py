@@ -93,6 +93,16 @@ def test_selflabel_preset_is_the_benchmarked_ablation():
         "selflabel_threshold"].default
 
 
+def test_long_preset_is_the_benchmarked_configuration():
+    """amalgam_long is amalgam+selflabel with the weights the GPU run measured, and runs under its own name."""
+    measured = accuracy.method_args("amalgam+selflabel")
+    measured["loss_weights"] |= {"mmd": 1.0, "recon": 1.0, "entropy": 0.1}
+    measured["temperature"] = 4.0
+    assert accuracy.method_args("amalgam_long") == measured
+    assert {"amalgam_long", "amalgam_selflabel"} <= set(accuracy.PRESET_METHODS)
+    assert not set(accuracy.PRESET_METHODS) & set(accuracy.METHODS)
+
+
 def test_teachers_only_trains_the_named_tasks_once_and_stops(tmp_path, capsys):
     args = ["--teachers-only", "--settings", "S2", "--seeds", "0", "--tasks", "b", "--teacher-epochs", "1",
             "--teacher-train-limit", "64", "--work", str(tmp_path)]
