@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py --preset gpu         # the full schedule (resnet18 student, 30 epochs)
     python benchmarks/accuracy.py --preset cpu_bn      # the CPU preset with BatchNorm teachers only
     python benchmarks/accuracy.py --settings S2 --seeds 0 --methods kd_slice amalgam   # a slice of the grid
+    python benchmarks/accuracy.py --preset gpu --methods amalgam_long   # any preset in configs/presets/
     python benchmarks/accuracy.py --methods amalgam --loss-weights '{entropy: 0.3}'   # one weight changed
     python benchmarks/accuracy.py --methods amalgam --module-args '{temperature: 2.0}'  # another argument
     bash benchmarks/accuracy_gpu.sh OUT_DIR                 # the GPU grid: a process per teacher, then per seed
