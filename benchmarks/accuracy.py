@@ -17,7 +17,9 @@ the same initial weights and sees the same batches and augmented views (teachers
 
 Writes benchmarks/results/accuracy.json (contract: {"<setting>": {"teachers": {"<task>": acc},
 "<method>": {"tasks": {...}, "acc_all", "acc_union", "acc_union_balanced", "std": {...}}}}, fractions) and
-prints a Markdown table for benchmarks/RESULTS.md.
+prints a Markdown table for benchmarks/RESULTS.md. Each line of --runs-log also keeps that run's task-agnostic
+confusion matrix ("union_confusion": test images, true class by predicted class), from which the summary lists
+the largest errors into another task's classes.
 """
 
 from __future__ import annotations
@@ -258,6 +260,11 @@ def union_test_set(setting: str, root: str) -> tuple[torch.Tensor, torch.Tensor]
     return test_x[keep][:, None].expand(-1, 3, -1, -1), union_label[test_y[keep]]
 
 
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """[k, k] counts, rows the true class, columns the predicted one."""
+    return torch.bincount(target * k + pred, minlength=k * k).view(k, k)
+
+
 def evaluate(model: AmalgamationModule, setting: str, pool: torch.Tensor, root: str) -> dict:
     device = model.device
     model.eval()
@@ -274,6 +281,8 @@ def evaluate(model: AmalgamationModule, setting: str, pool: torch.Tensor, root: 
     result["acc_all"] = correct_aware / len(y)
     result["acc_union"] = (z.argmax(1) == y).float().mean().item()
     result["acc_union_balanced"] = ((z + offset).argmax(1) == y).float().mean().item()
+    # Kept with every run, so where the task-agnostic errors go can be read later without the model.
+    result["union_confusion"] = confusion_matrix(z.argmax(1), y, z.shape[1]).tolist()
     teacher_logits = [logits_of(lambda im, t=t: t(im).logits, x, device) for t in model.teachers]
     result["teachers"] = {}
     for t, (a, b), zt in zip(model.teachers, model.slices, teacher_logits):
@@ -394,6 +403,27 @@ def paired_table(runs: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def cross_task_errors(runs: list[dict], top: int = 4) -> str:
+    """Where the task-agnostic errors go, from the runs' union confusions: per setting and method, the share of
+    test images given a class of another task, and the largest such (true -> predicted) pairs, mean over seeds."""
+    lines = []
+    for setting in dict.fromkeys(r["setting"] for r in runs if "union_confusion" in r):
+        ids = [i for task in SETTINGS[setting].values() for i in task]
+        names = [FASHION_MNIST_CLASSES[i] for i in ids]
+        task_of = torch.tensor([n for n, task in enumerate(SETTINGS[setting].values()) for _ in task])
+        other_task = task_of[:, None] != task_of[None, :]
+        lines += [f"\n**{setting}, errors into another task's classes** (% of test images, mean over seeds)", ""]
+        for method in dict.fromkeys(r["method"] for r in runs if r["setting"] == setting and "union_confusion" in r):
+            confusions = [torch.tensor(r["union_confusion"], dtype=torch.float) for r in runs
+                          if r["setting"] == setting and r["method"] == method and "union_confusion" in r]
+            share = 100 * torch.stack([c / c.sum() for c in confusions]).mean(0) * other_task
+            pairs = share.flatten().topk(top)
+            worst = ", ".join(f"{names[i // len(ids)]} -> {names[i % len(ids)]} {v:.2f}"
+                              for v, i in zip(pairs.values.tolist(), pairs.indices.tolist()))
+            lines.append(f"- {method}: {share.sum():.2f} in all; {worst}")
+    return "\n".join(lines)
+
+
 def summarize(runs: list[dict]) -> dict:
     """Per-run results (each with "setting", "method", "seed") -> the accuracy.json contract, settings and methods
     in the order first met."""
@@ -469,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(table({k: v for k, v in results.items() if not k.startswith("_")}))
+    if errors := cross_task_errors(runs):
+        print(errors)
     if args.paired:
         print(paired_table(runs, args.paired))
     print(f"\nwrote {out} ({results['_meta']['seconds']} s of runs)")

@@ -40,11 +40,6 @@ from amalgam.teacher import Teacher
 from amalgam.visualize import confusion_plot
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
-    """[k, k] counts, rows the true class, columns the predicted one."""
-    return torch.bincount(target * k + pred, minlength=k * k).view(k, k)
-
-
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, k: int,
                  l2: float = 1e-4, iterations: int = 300) -> torch.Tensor:
     """Multinomial logistic regression (L-BFGS, standardised inputs); returns the test predictions."""
@@ -180,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         return round((pred == y).float().mean().item(), 4)
 
     head = test_z.argmax(1)
-    confusion = confusion_matrix(head, y, k)
+    confusion = accuracy.confusion_matrix(head, y, k)
     probe = linear_probe(pool_f, union_of[pool_labels[:args.pool]], test_f, k)
     centroids = centroid_labels(pool_f, pool_z.softmax(1), test_f)
     names = [FASHION_MNIST_CLASSES[i] for i in class_ids]

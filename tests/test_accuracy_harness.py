@@ -65,6 +65,22 @@ def test_from_runs_writes_the_contract_from_json_lines(tmp_path):
     assert written["_meta"]["command"].endswith(f"--out {out}")
 
 
+def test_cross_task_errors_name_the_largest_pairs_across_tasks_from_the_runs_confusions():
+    def with_confusion(r, shirts_as_tshirts):
+        confusion = torch.eye(10, dtype=torch.long) * 100
+        confusion[6, 6] -= shirts_as_tshirts  # S2: Shirt (task b) taken for T-shirt/top (task a)
+        confusion[6, 0] += shirts_as_tshirts
+        confusion[2, 2], confusion[2, 4] = 90, 10  # Pullover -> Coat: inside task a, not a cross-task error
+        return r | {"union_confusion": confusion.tolist()}
+
+    runs = [with_confusion(RUNS[0], 20), with_confusion(RUNS[2], 40), RUNS[1]]  # kd_slice kept no confusion
+    text = accuracy.cross_task_errors(runs, top=1)
+    assert "kd_slice" not in text
+    (line,) = [line for line in text.splitlines() if line.startswith("- amalgam")]
+    assert line == "- amalgam: 3.00 in all; Shirt -> T-shirt/top 3.00"  # 30 of 1000 images, mean of two seeds
+    assert accuracy.cross_task_errors(RUNS) == ""  # runs from before confusions were kept
+
+
 def test_methods_are_the_library_presets_and_ablations_change_one_thing():
     amalgam = accuracy.method_args("amalgam")
     assert amalgam["kd"] == "slice" and amalgam["loss_weights"]["mmd"] > 0
@@ -200,13 +216,26 @@ def test_batchnorm_preset_gives_every_teacher_a_task_gate(tmp_path):
     assert sorted(accuracy.build_student("amalgam+selflabel+task_gate", teachers, plain, seed=0).task_gates) == ["a"]
 
 
+def test_evaluate_keeps_the_union_confusion_that_its_task_agnostic_accuracy_counts(tmp_path):
+    preset = accuracy.PRESETS["cpu"] | {"root": accuracy.DEFAULT_ROOT, "teacher_epochs": 1, "teacher_train_limit": 64}
+    teachers = accuracy.teacher_configs("S2", 0, preset, tmp_path)
+    student = accuracy.build_student("amalgam", teachers, preset, seed=0)
+    pool = torch.randint(0, 256, (64, 3, 28, 28), dtype=torch.uint8)
+    result = accuracy.evaluate(student, "S2", pool, accuracy.DEFAULT_ROOT)
+    confusion = torch.tensor(result["union_confusion"])
+    _, y = accuracy.union_test_set("S2", accuracy.DEFAULT_ROOT)
+    assert confusion.sum(1).tolist() == torch.bincount(y, minlength=10).tolist()  # rows: each true class's images
+    assert confusion.trace().item() / len(y) == pytest.approx(result["acc_union"])
+    json.dumps(result)  # a run line of --runs-log
+
+
 # ---------------------------------------------------------------- union_diagnostics.py (no training)
 
 
 def test_confusion_matrix_counts_true_rows_against_predicted_columns():
     target = torch.tensor([0, 0, 1, 2, 2, 2])
     pred = torch.tensor([0, 1, 1, 2, 0, 2])
-    got = union_diagnostics.confusion_matrix(pred, target, 3)
+    got = accuracy.confusion_matrix(pred, target, 3)
     assert got.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
 
 
