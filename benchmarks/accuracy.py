@@ -406,16 +406,17 @@ def paired_table(runs: list[dict], baseline: str) -> str:
 def cross_task_errors(runs: list[dict], top: int = 4) -> str:
     """Where the task-agnostic errors go, from the runs' union confusions: per setting and method, the share of
     test images given a class of another task, and the largest such (true -> predicted) pairs, mean over seeds."""
+    runs = [r for r in runs if "union_confusion" in r]  # runs logged before confusions were kept have none
     lines = []
-    for setting in dict.fromkeys(r["setting"] for r in runs if "union_confusion" in r):
+    for setting in dict.fromkeys(r["setting"] for r in runs):
         ids = [i for task in SETTINGS[setting].values() for i in task]
         names = [FASHION_MNIST_CLASSES[i] for i in ids]
         task_of = torch.tensor([n for n, task in enumerate(SETTINGS[setting].values()) for _ in task])
         other_task = task_of[:, None] != task_of[None, :]
         lines += [f"\n**{setting}, errors into another task's classes** (% of test images, mean over seeds)", ""]
-        for method in dict.fromkeys(r["method"] for r in runs if r["setting"] == setting and "union_confusion" in r):
+        for method in dict.fromkeys(r["method"] for r in runs if r["setting"] == setting):
             confusions = [torch.tensor(r["union_confusion"], dtype=torch.float) for r in runs
-                          if r["setting"] == setting and r["method"] == method and "union_confusion" in r]
+                          if r["setting"] == setting and r["method"] == method]
             share = 100 * torch.stack([c / c.sum() for c in confusions]).mean(0) * other_task
             pairs = share.flatten().topk(top)
             worst = ", ".join(f"{names[i // len(ids)]} -> {names[i % len(ids)]} {v:.2f}"
