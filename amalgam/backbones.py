@@ -57,6 +57,15 @@ class Features:
     logits: Tensor
 
 
+def classifier_of(model: nn.Module) -> nn.Module | None:
+    """The model's head: timm's ``get_classifier()``, else the last ``nn.Linear`` of a plain module (None
+    when it has none)."""
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 def is_timm_model(model: nn.Module) -> bool:
     return hasattr(model, "forward_intermediates") and hasattr(model, "feature_info")
 

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from amalgam.backbones import Features, Tap, TappedNetwork
+from amalgam.backbones import Features, Tap, TappedNetwork, classifier_of
 from amalgam.checkpointing import seed_training_batch
 from amalgam.common_feature import CommonFeatureBlock, CommonFeatures
 from amalgam.data.augment import mix_images, strong_view
@@ -612,7 +612,8 @@ class AmalgamationModule(L.LightningModule):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         hp = self.hparams
-        head = set(self.student.model.get_classifier().parameters())
+        classifier = classifier_of(self.student.model)
+        head = set(classifier.parameters()) if classifier is not None else set()
         backbone = [p for p in self.student.parameters() if p not in head]
         groups = [{"name": "student", "params": backbone, "lr": hp.lr},
                   {"name": "head", "params": list(head), "lr": hp.head_lr or hp.lr},

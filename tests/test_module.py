@@ -275,6 +275,19 @@ def test_class_path_teacher_is_tapped_by_hooks(tmp_path, image_tree):
     assert cli.trainer.global_step == 1 and cli.model.blocks[0].kind == "map"
 
 
+def test_class_path_student_trains_with_its_last_linear_as_the_head(tmp_path, image_tree):
+    plain = {"arch": "conftest.TinyNet", "model_kwargs": {"width": 6}, "input_size": SIZE, "mean": [0.5] * 3,
+             "std": [0.5] * 3, "taps": ["features"]}
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], plain,
+                         model_args={"head_lr": 0.01}, trainer={"fast_dev_run": 1})
+    cli = main(["fit", "--config", str(cfg)])
+    assert cli.trainer.global_step == 1
+    groups = {g["name"]: g for g in cli.trainer.optimizers[0].param_groups}
+    head = cli.model.student.model.fc
+    assert [id(p) for p in groups["head"]["params"]] == [id(head.weight), id(head.bias)]
+    assert groups["head"]["initial_lr"] == 0.01 and groups["student"]["initial_lr"] == cli.model.hparams.lr
+
+
 def test_compiled_module_with_four_teacher_families_stays_under_dynamo_recompile_limit(tmp_path, image_tree,
                                                                                         monkeypatch):
     """Every network shares TappedNetwork.forward's code, which dynamo caches per code object: with four
