@@ -343,10 +343,15 @@ class TappedNetwork(nn.Module):
         self.tapper = FeatureTapper(self.model, taps, owner)
 
     def preprocess(self, images: Tensor) -> Tensor:
+        """Resize and normalise in float32, then hand the network its own weights' dtype: the antialiased
+        resize has no bf16 kernel on CPU, and a network held in bf16 (teacher_dtype, bf16-true) takes bf16."""
+        images = images.float()
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
             images = nn.functional.interpolate(images, size=(self.input_size, self.input_size),
                                                mode="bilinear", antialias=True, align_corners=False)
-        return (images - self.mean) / self.std
+        images = (images - self.mean.float()) / self.std.float()
+        weight = next(self.model.parameters(), None)
+        return images if weight is None or not weight.is_floating_point() else images.to(weight.dtype)
 
     def forward(self, images: Tensor) -> Features:
         return self.tapper(self.preprocess(images))

@@ -93,6 +93,9 @@ class CommonFeatureBlock(nn.Module):
         return x
 
     def forward(self, student: Tensor, teachers: Sequence[Tensor]) -> CommonFeatures:
+        weight = next(self.parameters())
+        if weight.dtype in (torch.bfloat16, torch.float16):  # the module held in bf16 (precision bf16-true)
+            teachers = [t.to(weight.dtype) for t in teachers]
         targets = [self.align(t) for t in teachers]
         adapted = [self.student_adapter(student)] + [a(t) for a, t in zip(self.teacher_adapters, targets)]
         # One extractor pass over all networks' features: a larger batch, and shared normalisation statistics.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,16 @@ class MultiBandwidthMMD(nn.Module):
         super().__init__()
         if not bandwidths or any(b <= 0 for b in bandwidths):
             raise ValueError(f"MMD bandwidths must be positive numbers, got {list(bandwidths)}")
-        self.register_buffer("gammas", 1.0 / (2.0 * torch.tensor(bandwidths, dtype=torch.float64) ** 2),
-                             persistent=False)
+        self._exact_gammas = 1.0 / (2.0 * torch.tensor(bandwidths, dtype=torch.float64) ** 2)
+        self.register_buffer("gammas", self._exact_gammas.float(), persistent=False)
         self.normalize = normalize
+
+    # A buffer follows the module's device, but not its dtype: in bf16 (precision bf16-true) the narrowest
+    # paper bandwidth's 5e5 would round to 499712. float32, not float64, so that the module moves to MPS.
+    def _apply(self, fn: Any, recurse: bool = True) -> MultiBandwidthMMD:
+        super()._apply(fn, recurse)
+        self.gammas = self._exact_gammas.to(device=self.gammas.device, dtype=torch.float32)
+        return self
 
     def forward(self, student: Tensor, teachers: Sequence[Tensor]) -> Tensor:
         with torch.autocast(student.device.type, enabled=False):
@@ -354,7 +362,8 @@ class TaskGate(nn.Module):
 
     def gate(self, moments: Tensor) -> Tensor:
         """[B, D] moments -> [B] probability that each image is of the teacher's task."""
-        return torch.sigmoid(self.linear(self.normalise(moments.float()))).squeeze(1)
+        x = moments.to(self.linear.weight.dtype)  # float32, or bf16 when the module is (precision bf16-true)
+        return torch.sigmoid(self.linear(self.normalise(x))).squeeze(1).float()
 
     def fit(self, moments: Tensor) -> tuple[Tensor, Tensor]:
         """[B, D] moments -> (the ``task_gate_fit`` term, the gate [B] with its graph)."""
@@ -373,8 +382,9 @@ class TaskGate(nn.Module):
 
     def forward(self, moments: Tensor, slice_mass: Tensor) -> dict[str, Tensor]:
         fit, g = self.fit(moments)
-        mass = slice_mass.float().clamp(1e-6, 1 - 1e-6)
-        return {"task_gate_fit": fit, "task_gate": F.binary_cross_entropy(mass, g.detach())}
+        with torch.autocast(slice_mass.device.type, enabled=False):  # CUDA autocast refuses binary_cross_entropy
+            mass = slice_mass.float().clamp(1e-6, 1 - 1e-6)
+            return {"task_gate_fit": fit, "task_gate": F.binary_cross_entropy(mass, g.detach())}
 
 
 def gated_task_loss(log_task: Tensor, log_odds: Tensor) -> Tensor:

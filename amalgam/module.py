@@ -53,7 +53,8 @@ class StudentConfig(TypedDict):
     arch: a timm model name (or ``package.module.Class``); its head is sized to the union of all classes.
     taps: one per common-feature block (default ["pooled"]), matched position by position with every
       teacher's taps;
-      an empty list trains with soft targets only (plain multi-teacher KD).
+      an empty list, with every teacher's ``taps: []`` too, trains with soft targets only (plain
+      multi-teacher KD).
     input_size, mean, std, model_kwargs: as for a teacher.
     """
 
@@ -497,7 +498,11 @@ class AmalgamationModule(L.LightningModule):
         if hasattr(datamodule, "skipped_total"):  # unreadable image files dropped so far
             self.log("data/skipped", float(datamodule.skipped_total), on_step=True, on_epoch=False)
         if images.shape[0] < 2:  # unreadable files left < 2 images; BatchNorm and MMD need 2: skip the step
-            return None
+            if self._trainer is None or self.trainer.world_size == 1:
+                return None
+            # Under DDP the other ranks' backward waits for this one's gradients: a zero loss through every
+            # trainable parameter joins their all-reduce instead of hanging it.
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         if self.hparams.shared_strong_view:
             images = strong_view(images)
         if self.hparams.mixup_alpha:

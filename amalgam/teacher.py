@@ -68,10 +68,11 @@ class Teacher(L.LightningModule):
         weight = next(self.net.parameters(), None)
         low_precision = weight is not None and weight.dtype in (torch.bfloat16, torch.float16)
         with torch.inference_mode():
-            out = self.net(images.to(weight.dtype) if low_precision else images)
+            out = self.net(images)  # it casts to its own dtype after resizing (TappedNetwork.preprocess)
         # Inference tensors cannot enter autograd (the adapters and the KD target need them): one cheap copy,
-        # in float32 for a teacher held in bf16/fp16 (model.teacher_dtype) so the adapters see their own dtype.
+        # in the images' dtype for a teacher held in bf16/fp16, so the adapters see their own dtype: float32
+        # with model.teacher_dtype, bf16 when the whole module runs in bf16 (trainer precision bf16-true).
         # Always a copy: under CUDA autocast some outputs are float32 already (layer norm), and .float() would
         # hand back the inference tensor itself.
-        copy = (lambda t: t.to(torch.float32, copy=True)) if low_precision else (lambda t: t.clone())
+        copy = (lambda t: t.to(images.dtype, copy=True)) if low_precision else (lambda t: t.clone())
         return Features([copy(t) for t in out.taps], copy(out.logits))

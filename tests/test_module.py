@@ -101,7 +101,9 @@ def test_teacher_is_always_eval_and_outputs_are_autograd_safe():
 
 
 def test_bf16_teachers_hand_float32_features_close_to_float32_teachers(tmp_path, image_tree):
-    teachers, images = [teacher("a", "resnet"), teacher("b", "vit")], torch.rand(4, 3, SIZE, SIZE)
+    # Teacher a resizes its input: the antialiased resize has no bf16 kernel on CPU, so it runs before the cast.
+    teachers = [teacher("a", "resnet", input_size=SIZE - 8), teacher("b", "vit")]
+    images = torch.rand(4, 3, SIZE, SIZE)
     torch.manual_seed(0)
     full = AmalgamationModule(teachers, student())
     torch.manual_seed(0)
@@ -134,6 +136,26 @@ def test_bf16_teacher_outputs_that_are_float32_already_are_still_copied_out_of_i
     recon = torch.zeros_like(target, requires_grad=True)
     torch.nn.functional.mse_loss(recon, target).backward()  # what ReconstructionLoss does
     assert recon.grad is not None
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_low_precision_trainer_runs_every_term(tmp_path, image_tree, precision):
+    """bf16 autocast, or the whole module in bf16 (teachers, blocks and student): on a GPU where there is one,
+    where autocast refuses some losses (binary cross-entropy, the task gate's), else on the CPU."""
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = {"balance": 1.0, "entropy": 0.1, "selflabel": 1.0, "task_gate": 0.1}
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet", input_size=SIZE - 8), teacher("b", "vit")],
+                         student(), model_args={"loss_weights": weights},
+                         trainer={"max_steps": 2, "limit_val_batches": 1, "val_check_interval": 2,
+                                  "accelerator": accelerator, "precision": precision})
+    cli = main(["fit", "--config", str(cfg)])
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 2 and "val/acc_union" in metrics
+    for term in ["kd", "mmd", "recon", "balance", "entropy", "selflabel", "task_gate", "task_gate_fit"]:
+        assert torch.isfinite(metrics[f"train/loss_{term}"]), term
+    # The module in bf16 keeps the MMD's bandwidths exact (the narrowest paper sigma's gamma is 5e5).
+    gammas = cli.model.mmd_loss.gammas
+    assert gammas.dtype == torch.float32 and gammas.max().item() == 5e5
 
 
 @pytest.mark.parametrize("tap", ["map", "pooled"])

@@ -72,6 +72,23 @@ def test_fit_counts_and_logs_skipped_images(tmp_path, image_tree):
     assert cli.trainer.callback_metrics["data/skipped"] == 4
 
 
+def test_a_batch_of_one_image_skips_the_step_alone_and_joins_ddp_with_zero_gradients():
+    from types import SimpleNamespace
+
+    model = AmalgamationModule([teacher("a", "resnet"), teacher("b", "vit")], student(), block_width=8,
+                               block_depth=1)
+    one = torch.rand(1, 3, 32, 32)
+    model.trainer = SimpleNamespace(world_size=1, datamodule=None, training=True)
+    assert model.training_step(one, 0) is None
+    # Under DDP every rank must run backward, or the others wait in their gradient all-reduce for ever.
+    model.trainer = SimpleNamespace(world_size=2, datamodule=None, training=True)
+    loss = model.training_step(one, 0)
+    assert loss.item() == 0.0
+    loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
+
+
 @pytest.mark.parametrize("workers", [0, 1])  # a worker's error arrives wrapped in its traceback: unwrapped
 def test_strict_mode_stops_naming_the_file(workers, tmp_path, image_tree, capsys):
     folder = bad_image_folder(tmp_path / "train")
