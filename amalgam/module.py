@@ -533,8 +533,13 @@ class AmalgamationModule(L.LightningModule):
         every = self.hparams.nan_check_every_n_steps
         if every <= 0 or self.global_step % every:
             return
-        if not torch.isfinite(loss.detach()):
-            bad = [name for name, value in terms.items() if not torch.isfinite(value.detach())]
+        finite = here = bool(torch.isfinite(loss.detach()))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every rank stops together: one rank stopping alone leaves the others waiting in an all-reduce.
+            finite = self.trainer.strategy.reduce_boolean_decision(here, all=True)
+        if not finite:
+            bad = ([name for name, value in terms.items() if not torch.isfinite(value.detach())]
+                   if not here else ["(on another process)"])
             raise FloatingPointError(
                 f"loss term(s) {bad or ['total']} became NaN/Inf at step {self.global_step} "
                 f"(epoch {self.current_epoch}). Checkpoints written so far are intact; lower the learning "

@@ -89,6 +89,24 @@ def test_a_batch_of_one_image_skips_the_step_alone_and_joins_ddp_with_zero_gradi
     assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
 
 
+def test_a_nan_on_one_ddp_process_stops_every_process():
+    from types import SimpleNamespace
+
+    model = AmalgamationModule([teacher("a", "resnet")], student(), block_width=8, block_depth=1)
+    decisions = []
+
+    def reduce_boolean_decision(decision, all):  # noqa: A002  (Lightning's argument name)
+        decisions.append((decision, all))
+        return False  # another process's loss is NaN
+
+    model.trainer = SimpleNamespace(world_size=2, global_step=7, current_epoch=0,
+                                    strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision))
+    finite = {"kd": torch.tensor(1.0)}
+    with pytest.raises(FloatingPointError, match=r"\['\(on another process\)'\] became NaN/Inf at step 7"):
+        model._check_finite(finite, torch.tensor(1.0))
+    assert decisions == [(True, True)]
+
+
 @pytest.mark.parametrize("workers", [0, 1])  # a worker's error arrives wrapped in its traceback: unwrapped
 def test_strict_mode_stops_naming_the_file(workers, tmp_path, image_tree, capsys):
     folder = bad_image_folder(tmp_path / "train")
