@@ -95,7 +95,7 @@ def test_a_nan_on_one_ddp_process_stops_every_process():
     model = AmalgamationModule([teacher("a", "resnet")], student(), block_width=8, block_depth=1)
     decisions = []
 
-    def reduce_boolean_decision(decision, all):  # noqa: A002  (Lightning's argument name)
+    def reduce_boolean_decision(decision, all):  # Lightning's argument names
         decisions.append((decision, all))
         return False  # another process's loss is NaN
 
