@@ -72,7 +72,7 @@ def plot_common_space(points: dict[str, np.ndarray], labels: np.ndarray, class_n
         part = xy[i * n:(i + 1) * n]
         ax_net.scatter(part[:, 0], part[:, 1], s=10, alpha=0.6, marker=markers[i % len(markers)], label=name)
         ax_cls.scatter(part[:, 0], part[:, 1], s=10, alpha=0.6, marker=markers[i % len(markers)],
-                       c=labels, cmap="tab10", vmin=0, vmax=max(9, len(class_names) - 1))
+                       c=labels % 10, cmap="tab10", vmin=0, vmax=9)  # the legend's colours: tab10, cycled
     ax_net.set_title("by network (student and teachers should overlap)")
     ax_net.legend(markerscale=2, fontsize=8)
     ax_cls.set_title("by true class (marker = network)")
@@ -101,7 +101,10 @@ class CommonSpacePlot(L.Callback):
         self.path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.global_rank != 0 or not getattr(pl_module, "blocks", None):
+        if not getattr(pl_module, "blocks", None):
+            return
+        folder = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)  # log_dir: every rank joins
+        if trainer.global_rank != 0:
             return
         images, labels, names = self._eval_images(trainer, pl_module)
         if images is None:
@@ -110,8 +113,7 @@ class CommonSpacePlot(L.Callback):
         pl_module.eval()
         points = common_space_points(pl_module, images.to(pl_module.device))
         pl_module.train(was_training)
-        out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir) / "common_space.png"
-        self.path = plot_common_space(points, labels, names, out, self.method,
+        self.path = plot_common_space(points, labels, names, folder / "common_space.png", self.method,
                                       f"Common feature space after {trainer.current_epoch} epoch(s)")
         log_to_wandb(trainer, "common_space", self.path)
 
@@ -125,8 +127,10 @@ class CommonSpacePlot(L.Callback):
         for task, loader in zip(datamodule.task_names, loaders):
             offset = pl_module.slices[pl_module.task_names.index(task)][0]
             taken = 0
-            for x, y in loader:
-                x = datamodule.convert_batch(x, augment=False) if hasattr(datamodule, "convert_batch") else x
+            for batch in loader:
+                if hasattr(datamodule, "convert_batch"):  # also unwraps an image folder's SkipCounted batches
+                    batch = datamodule.convert_batch(batch, augment=False)
+                x, y = batch
                 keep = min(len(x), self.num_images - taken)
                 images.append(x[:keep]), labels.append(y[:keep] + offset)
                 taken += keep
@@ -209,10 +213,13 @@ class ConfusionPlot(L.Callback):
 
     def _draw(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         confusion = getattr(pl_module, "confusion", {}).get(stage)
-        if stage not in self.stages or trainer.global_rank != 0 or confusion is None:
+        if stage not in self.stages:
+            return
+        folder = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)  # log_dir: every rank joins
+        if trainer.global_rank != 0 or confusion is None:
             return
         tasks, names = zip(*pl_module.union_classes)
-        out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir) / f"confusion_{stage}.png"
+        out = folder / f"confusion_{stage}.png"
         title = f"Task unknown ({stage}): % of each true class (rows) per predicted class"
         self.path = confusion_plot(confusion.numpy(), list(names), list(tasks), out, title)
         log_to_wandb(trainer, f"{stage}/confusion", self.path)

@@ -11,7 +11,7 @@ import torch
 from conftest import amalgam_config, student, teacher
 
 from amalgam.cli import main
-from amalgam.visualize import ConfusionPlot
+from amalgam.visualize import CommonSpacePlot, ConfusionPlot
 
 
 def run(args: list[str]):
@@ -79,6 +79,44 @@ def test_confusion_plot_callback_draws_the_chosen_evaluations(tmp_path, image_tr
     assert (tmp_path / "pics" / "confusion_val.png").exists()
     with pytest.raises(ValueError, match="'test' or 'val'"):
         ConfusionPlot(stages=["train"])
+
+
+def test_common_space_plot_callback_draws_image_folder_runs(tmp_path, image_tree):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
+                         trainer={"fast_dev_run": 1})
+    cli = run(["fit", "--config", str(cfg), "--trainer.callbacks+", "amalgam.visualize.CommonSpacePlot",
+               "--trainer.callbacks.dirpath", str(tmp_path / "pics"), "--trainer.callbacks.method", "pca",
+               "--trainer.callbacks.num_images", "4"])
+    [callback] = [c for c in cli.trainer.callbacks if isinstance(c, CommonSpacePlot)]
+    assert callback.path == tmp_path / "pics" / "common_space.png"
+    assert callback.path.read_bytes()[:4] == b"\x89PNG"
+
+
+class LogDirCounter:
+    """A trainer whose ``log_dir`` counts its readers: under DDP reading it is a collective (a broadcast)."""
+
+    def __init__(self, rank: int, root: str) -> None:
+        self.global_rank, self.default_root_dir, self.reads = rank, root, 0
+        self.loggers, self.sanity_checking, self.datamodule = [], False, None
+
+    @property
+    def log_dir(self) -> str:
+        self.reads += 1
+        return self.default_root_dir
+
+
+def test_plot_callbacks_read_the_log_dir_on_every_rank(tmp_path):
+    """Rank 0 alone reading ``trainer.log_dir`` left it waiting in a broadcast the other ranks never joined."""
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(confusion={"val": torch.tensor([[2, 1], [0, 3]])}, union_classes=[("a", "x"), ("b", "y")],
+                             blocks=[object()])
+    for rank in (0, 1):
+        trainer = LogDirCounter(rank, str(tmp_path))
+        ConfusionPlot(stages=["val"]).on_validation_end(trainer, module)
+        CommonSpacePlot().on_fit_end(trainer, module)  # no labelled images here: draws nothing
+        assert trainer.reads == 2, rank
+    assert (tmp_path / "confusion_val.png").exists()
 
 
 def test_confusion_plot_logs_the_picture_to_wandb(tmp_path, monkeypatch):

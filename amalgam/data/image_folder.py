@@ -151,6 +151,11 @@ class ImageFolderDataModule(AmalgamDataModule):
             batch = batch.batch
         return super().on_after_batch_transfer(batch, dataloader_idx)
 
+    def convert_batch(self, batch: Any, augment: bool) -> Any:
+        if isinstance(batch, SkipCounted):  # a loader's batch read outside the trainer, e.g. by a callback
+            batch = batch.batch
+        return super().convert_batch(batch, augment)
+
     def _loader(self, dataset: ImageFiles, batch_size: int, train: bool) -> DataLoader:
         # Training order is a function of (seed, epoch), resumable mid-epoch (amalgam.callbacks.ExactResume).
         sampler = ExactResume.sampler_for(self.trainer, len(dataset), batch_size) if train else None
