@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -38,7 +38,7 @@ class AmalgamCLI(LightningCLI):
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks = config["callbacks"] = [*callbacks, RichProgressBar()]
+            callbacks = config["callbacks"] = [*callbacks, progress_bar()]
         if not any(isinstance(c, ExactResume) for c in callbacks):
             config["callbacks"] = [*callbacks, ExactResume()]
         plugins = config.get("plugins") or []
@@ -46,6 +46,14 @@ class AmalgamCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def progress_bar() -> ProgressBar:
+    """Rich's bar in a terminal. Written to a file or a pipe (SLURM, nohup, ``| tee``), Rich shows nothing until
+    the run ends, so there a tqdm bar, written out every 20 steps."""
+    if sys.stdout.isatty():
+        return RichProgressBar()
+    return TQDMProgressBar(refresh_rate=20)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> AmalgamCLI:

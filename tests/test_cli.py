@@ -149,6 +149,24 @@ def test_print_config_and_module_entry_point(tmp_path, image_tree):
     assert "amalgam.AmalgamationModule" in out.stdout and "loss_weights" in out.stdout
 
 
+def test_progress_bar_is_rich_in_a_terminal_and_tqdm_in_a_log_file(tmp_path, image_tree, monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from amalgam.cli import progress_bar
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert isinstance(progress_bar(), RichProgressBar)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert isinstance(progress_bar(), TQDMProgressBar)
+    # The real CLI writing to a pipe, as under SLURM or nohup: the epoch's progress is in the output.
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student(),
+                         trainer={"max_steps": 2, "limit_val_batches": 0, "enable_progress_bar": True})
+    out = subprocess.run([sys.executable, "-m", "amalgam", "fit", "--config", str(cfg)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Epoch 0: 100%" in out.stdout + out.stderr
+
+
 def test_predict_returns_task_probabilities(tmp_path, image_tree):
     cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student())
     cli = run(["predict", "--config", str(cfg), "--trainer.fast_dev_run", "1"])
