@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,12 +179,16 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             raise ValueError(f"Checkpoint {str(path)!r} is not a readable safetensors file: {err}") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except pickle.UnpicklingError as err:  # what weights_only raises for anything but tensors and containers
         raise ValueError(
             f"Refused to load {str(path)!r}: it is not a plain tensor checkpoint ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). Loading it would mean running pickled code. "
             f"Re-save its state_dict with safetensors (safetensors.torch.save_file) or as plain tensors."
         ) from err
+    except Exception as err:
+        raise ValueError(f"Cannot read checkpoint {str(path)!r} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}): the file is truncated, corrupt, or not "
+                         f"a PyTorch checkpoint.") from err
     for key in ("state_dict", "model", "model_state_dict", "module"):  # Lightning / common trainers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

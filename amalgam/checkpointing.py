@@ -13,6 +13,7 @@ Three pieces, wired by default in ``python -m amalgam`` (see ``amalgam/cli.py``)
 from __future__ import annotations
 
 import os
+import pickle
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -66,12 +67,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             on_cpu = map_location or (lambda storage, loc: storage)
             return torch.load(path, map_location=on_cpu, weights_only=True)
-        except Exception as err:
+        except pickle.UnpicklingError as err:  # what weights_only raises for anything but tensors and containers
             raise RefusedCheckpointError(path, err) from err
+        except Exception as err:
+            raise UnreadableCheckpointError(path, err) from err
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file that is truncated, corrupt or not a PyTorch checkpoint at all."""
+
+    def __init__(self, path: str | Path, err: BaseException) -> None:
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        super().__init__(
+            f"Cannot read checkpoint {str(path)!r} ({type(err).__name__}: {reason}): the file is truncated, "
+            f"corrupt, or not a PyTorch checkpoint. A run stopped while writing a checkpoint leaves the previous "
+            f"file intact: use that one.")
 
 
 class RefusedCheckpointError(ValueError):
-    """A checkpoint that ``torch.load(weights_only=True)`` will not read: it needs pickled code (or is broken)."""
+    """A checkpoint that ``torch.load(weights_only=True)`` will not read: it needs pickled code."""
 
     def __init__(self, path: str | Path, err: BaseException) -> None:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -80,7 +94,8 @@ class RefusedCheckpointError(ValueError):
         super().__init__(
             f"Refused to load checkpoint {str(path)!r}: it is not a plain tensor checkpoint "
             f"({type(err).__name__}: {reason}). Loading it would mean running pickled code; amalgam's own "
-            f"checkpoints never need that. If you wrote this file yourself and trust it, pass --weights_only false.")
+            f"checkpoints never need that. If you wrote this file yourself and trust it, fit/validate/test/predict "
+            f"load it with --weights_only false.")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from amalgam.callbacks import ExactResume
-from amalgam.checkpointing import AtomicCheckpointIO, RefusedCheckpointError
+from amalgam.checkpointing import AtomicCheckpointIO, RefusedCheckpointError, UnreadableCheckpointError
 
 
 class AmalgamCLI(LightningCLI):
@@ -31,6 +31,8 @@ class AmalgamCLI(LightningCLI):
             super()._parse_ckpt_path()
         except pickle.UnpicklingError as err:
             raise RefusedCheckpointError(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+        except Exception as err:  # torch.load's: a config that does not parse exits (SystemExit) instead
+            raise UnreadableCheckpointError(self.config[self.config.subcommand].get("ckpt_path"), err) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A rich progress bar unless the config chose another bar or none: long runs should show progress.

@@ -333,6 +333,23 @@ def test_malicious_pickles_are_refused_everywhere_and_never_run(tmp_path, image_
     assert not marker.exists(), "a planted pickle ran"
 
 
+def test_truncated_checkpoints_are_named_as_broken_not_as_code(tmp_path, image_tree, capsys):
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": _resnet_state(), "hyper_parameters": {}}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[:2000])  # what a copy interrupted half-way leaves
+    with pytest.raises(ValueError, match="Cannot read checkpoint .*cut.ckpt.*truncated, corrupt"):
+        read_state_dict(cut)
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet", checkpoint=str(cut))], student())
+    code, err = run_entry(["fit", "--config", str(cfg)], capsys)
+    assert code == 1 and "truncated, corrupt" in err and "Traceback" not in err
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student(), trainer={"max_steps": 1})
+    code, err = run_entry(["fit", "--config", str(cfg), "--ckpt_path", str(cut)], capsys)
+    assert code == 1 and "truncated, corrupt" in err and "pickled code" not in err and "Traceback" not in err
+    code, err = run_entry(["export", "--ckpt", str(cut), "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and "truncated, corrupt" in err and "pickled code" not in err
+
+
 def test_garbage_safetensors_is_a_clear_error(tmp_path):
     path = tmp_path / "t.safetensors"
     path.write_bytes(b"\x00" * 64)
