@@ -200,6 +200,19 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return obj
 
 
+def saved_hyperparameters(path: str | Path) -> dict[str, Any]:
+    """A Lightning ``.ckpt``'s ``hyper_parameters`` ({} for other files or none), its tensors left unread."""
+    path = Path(path)
+    if path.suffix != ".ckpt" or not path.is_file():
+        return {}
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable or refused: loading the weights reports it
+        return {}
+    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    return dict(saved) if isinstance(saved, dict) else {}
+
+
 def strip_prefix(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
     """Drop a wrapper prefix (``model.``, ``net.model.``, ``module.``...) so keys meet the model's own keys."""
     if expected & state.keys():

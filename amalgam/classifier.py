@@ -1,7 +1,8 @@
 """A supervised classifier: trains a specialist teacher on one task's labelled classes, with the same CLI.
 
 Its checkpoint is a Lightning .ckpt whose weights carry the ``net.model.`` prefix; a teacher entry with the
-same ``arch``, ``classes`` and ``model_kwargs`` loads it directly (the prefix is stripped).
+same ``arch``, ``classes`` and ``model_kwargs`` loads it directly (the prefix is stripped), and takes its
+``input_size``, ``mean`` and ``std`` from the checkpoint unless the entry sets them.
 """
 
 from __future__ import annotations

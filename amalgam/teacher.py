@@ -6,9 +6,10 @@ from typing import Any, NotRequired, TypedDict
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from amalgam.backbones import Features, Tap, TappedNetwork, load_weights
+from amalgam.backbones import Features, Tap, TappedNetwork, load_weights, saved_hyperparameters
 
 
 class TeacherConfig(TypedDict):
@@ -19,7 +20,8 @@ class TeacherConfig(TypedDict):
     arch: a timm model name, or ``package.module.Class`` of any nn.Module taking ``num_classes``.
     checkpoint: local weights (.safetensors, .pth state_dict, or a Lightning .ckpt; prefixes are stripped).
     taps: where features are read, one per common-feature block (``pooled``, a stage name, or an index).
-    input_size, mean, std: the teacher's own preprocessing; default from the timm pretrained config.
+    input_size, mean, std: the teacher's own preprocessing; default: what a checkpoint written by
+      ``amalgam.Classifier`` saved, else the timm pretrained config.
     model_kwargs: extra keyword arguments for the model constructor (e.g. ``img_size``, ``patch_size``).
     """
 
@@ -45,6 +47,13 @@ class Teacher(L.LightningModule):
             raise ValueError(f"teacher {task!r}: 'classes' is empty; list the class names of its logits")
         self.task = task
         self.classes = list(classes)
+        # A checkpoint written by amalgam.Classifier knows the preprocessing the teacher was trained with: a
+        # teacher at the timm defaults instead (224 px, ImageNet statistics) would run but answer poorly.
+        saved = saved_hyperparameters(checkpoint) if checkpoint else {}
+        input_size, mean, std = input_size or saved.get("input_size"), mean or saved.get("mean"), std or saved.get("std")
+        if saved.get("classes") and list(saved["classes"]) != self.classes:
+            rank_zero_warn(f"teacher {task!r}: classes {self.classes} differ from those its checkpoint was trained "
+                           f"on, {list(saved['classes'])}: the logits are read in the order given here.")
         self.net = TappedNetwork(arch, len(self.classes), ["pooled"] if taps is None else taps, input_size, mean, std,
                                  model_kwargs, owner=f"teacher {task!r} ({arch})")
         if checkpoint:

@@ -51,3 +51,25 @@ def test_data_classes_must_match():
     model.trainer = SimpleNamespace(datamodule=data)  # type: ignore[assignment]
     with pytest.raises(ValueError, match="differ from model.classes"):
         model.setup("fit")
+
+
+def test_a_teacher_takes_its_preprocessing_and_checks_its_classes_from_a_classifier_checkpoint(tmp_path):
+    from amalgam import Teacher
+
+    model = Classifier(classes=["x", "y", "z"], task="b", input_size=SIZE - 8, mean=[0.25] * 3, std=[0.5] * 3,
+                       **TINY["resnet"])
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    teacher = Teacher("b", ["x", "y", "z"], TINY["resnet"]["arch"], checkpoint=str(path),
+                      model_kwargs=TINY["resnet"]["model_kwargs"])
+    assert teacher.net.input_size == SIZE - 8
+    assert teacher.net.mean.flatten().tolist() == [0.25] * 3 and teacher.net.std.flatten().tolist() == [0.5] * 3
+    images = torch.rand(2, 3, SIZE, SIZE)
+    torch.testing.assert_close(teacher(images).logits, model.eval()(images))
+    # The entry's own values win; classes listed in another order are read as given, with a warning.
+    teacher = Teacher("b", ["x", "y", "z"], TINY["resnet"]["arch"], checkpoint=str(path), input_size=SIZE,
+                      model_kwargs=TINY["resnet"]["model_kwargs"])
+    assert teacher.net.input_size == SIZE
+    with pytest.warns(UserWarning, match=r"classes \['z', 'y', 'x'\] differ from those its checkpoint"):
+        Teacher("b", ["z", "y", "x"], TINY["resnet"]["arch"], checkpoint=str(path),
+                model_kwargs=TINY["resnet"]["model_kwargs"])
