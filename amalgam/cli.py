@@ -72,8 +72,9 @@ def main(args: list[str] | None = None, run: bool = True) -> AmalgamCLI:
     )
 
 
-# Errors a user can cause and fix (a path, a config value, a checkpoint, a diverging loss): one readable line.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, MisconfigurationException)
+# Errors a user can cause and fix (a path, a config value, a checkpoint, a diverging loss, an optional package
+# not installed): one readable line.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, MisconfigurationException, ImportError)
 
 
 def entry_point(args: list[str] | None = None) -> int:

@@ -175,6 +175,7 @@ def export_student(ckpt: str | Path, out: str | Path, onnx: bool = False) -> Pat
     student.model.load_state_dict(state)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / ONNX_FILE).unlink(missing_ok=True)  # an earlier export's graph, which these weights would not match
     # clone(): safetensors refuses tensors that share storage (tied weights, views). Bytes written by Python,
     # not save_file, so the file gets the usual permissions (save_file makes it private to the owner).
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in student.model.state_dict().items()}

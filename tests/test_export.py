@@ -39,6 +39,8 @@ def trained(tmp_path_factory, image_tree) -> dict:
 
 
 def test_export_cli_writes_the_student_alone(trained, tmp_path):
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "model.onnx").write_bytes(b"an earlier export's graph")
     out = subprocess.run([sys.executable, "-m", "amalgam", "export", "--ckpt", str(trained["ckpt"]), "--out",
                           str(tmp_path / "student")], capture_output=True, text=True, env=ENV, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -137,6 +139,13 @@ def test_export_errors_say_what_is_wrong(trained, tmp_path, capsys):
     assert code == 1 and "holds no AmalgamationModule hyper-parameters" in err and "Traceback" not in err
     with pytest.raises(FileNotFoundError, match="is not an exported student"):
         load_student(tmp_path)
+
+
+def test_onnx_export_without_its_packages_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    code = entry_point(["export", "--ckpt", str(trained["ckpt"]), "--out", str(tmp_path / "o"), "--onnx"])
+    err = capsys.readouterr().err
+    assert code == 1 and "pip install 'amalgam[onnx]'" in err and "Traceback" not in err
 
 
 def test_onnx_export_matches_pytorch(trained, tmp_path):
