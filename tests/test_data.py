@@ -409,21 +409,43 @@ def test_bad_files_raise_naming_the_file(image_tree, name):
         decode_rgb(image_tree / name)
 
 
+def rank_one_of_two(dm):
+    from types import SimpleNamespace
+
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, callbacks=[])
+    return dm
+
+
+def test_a_ddp_rank_with_less_than_a_batch_keeps_its_only_batch(image_tree):
+    dm = rank_one_of_two(ImageFolderDataModule(str(image_tree), image_size=16, batch_size=8, num_workers=0))
+    assert len(dm.train_dataloader()) == 1  # 13 files, 7 on this rank: one short batch, not none
+
+
+@needs_fashion
+def test_a_ddp_rank_with_less_than_a_batch_keeps_its_only_fashion_batch():
+    dm = rank_one_of_two(FashionMNISTDataModule(batch_size=8, train_limit=13))
+    assert len(dm.train_dataloader()) == 1
+
+
 def test_bad_files_are_skipped_counted_and_warned_once(image_tree, caplog):
     dm = ImageFolderDataModule(str(image_tree), image_size=16, batch_size=4, num_workers=0)
     loader = dm.train_dataloader()
-    total_images = 0
+    total_images, skipped_reads, skipped_paths = 0, 0, set()
     with caplog.at_level(logging.WARNING):
-        for _ in range(2):  # two epochs: bad files are counted each time, warned about once
+        for _ in range(2):  # two epochs: a bad file read twice counts once, and is warned about once
             for batch in loader:
                 assert isinstance(batch, SkipCounted)
+                skipped_reads += len(batch.skipped)
+                skipped_paths.update(batch.skipped)
                 images = dm.on_after_batch_transfer(batch, 0)
                 assert isinstance(images, torch.Tensor) and images.dtype == torch.float32
                 assert images.shape[1:] == (3, 16, 16)
                 total_images += len(images)
     # 13 files, 4 per batch, the partial last batch dropped: 12 seen per epoch.
-    assert total_images + dm.skipped_total == 24
-    assert dm.skipped_total > 0
+    assert total_images + skipped_reads == 24
+    assert skipped_reads > len(skipped_paths) > 0  # some bad file was read in both epochs
+    assert dm.skipped_files == skipped_paths and dm.skipped_total == len(skipped_paths)
+    assert all(Path(path).name in BAD_FILES for path in skipped_paths)
     warned = [record.getMessage() for record in caplog.records if "skipping bad image" in record.getMessage()]
     assert len(warned) == len({message for message in warned}) <= 3
     assert all(any(name in message for name in BAD_FILES) for message in warned)

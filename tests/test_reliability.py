@@ -65,10 +65,10 @@ def bad_image_folder(root: Path) -> Path:
 def test_fit_counts_and_logs_skipped_images(tmp_path, image_tree):
     folder = bad_image_folder(tmp_path / "train")
     cfg = amalgam_config(tmp_path, {**image_tree, "train": str(folder)}, [teacher("a", "resnet")], student(),
-                         trainer={"max_epochs": 1, "limit_val_batches": 0})
+                         trainer={"max_epochs": 2, "limit_val_batches": 0})
     cli = main(["fit", "--config", str(cfg)])
-    assert cli.trainer.global_step == 3  # every batch trained, on the 20 readable images
-    assert cli.datamodule.skipped_total == 4
+    assert cli.trainer.global_step == 6  # every batch trained, on the 20 readable images
+    assert cli.datamodule.skipped_total == 4  # read in both epochs, counted once
     assert cli.trainer.callback_metrics["data/skipped"] == 4
 
 

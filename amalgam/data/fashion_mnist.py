@@ -217,8 +217,8 @@ class FashionMNISTDataModule(AmalgamDataModule):
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            # A size-1 last batch breaks BatchNorm; still keep it when it is the only batch.
-            drop_last=train and len(dataset) > batch_size,
+            # A size-1 last batch breaks BatchNorm; still keep it when it is the only batch (of this rank).
+            drop_last=train and (sampler.num_samples if sampler else len(dataset)) > batch_size,
             num_workers=self.num_workers,
             collate_fn=collate_batched,
             pin_memory=pin_memory_default(),

@@ -135,7 +135,7 @@ class ImageFiles(Dataset):
 
     A sample is an image uint8 [3, S, S], or `(image, target)` when `targets` are given.
     A file that cannot be decoded raises BadImageError when `strict`, else it is logged
-    once and its sample is None, for `CollateSkipping` to drop and count.
+    once and its sample is `BadFile(path)`, for `CollateSkipping` to drop and name.
     """
 
     def __init__(
@@ -148,7 +148,7 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> Tensor | tuple[Tensor, int] | None:
+    def __getitem__(self, index: int) -> Tensor | tuple[Tensor, int] | BadFile:
         path = self.paths[index]
         try:
             image = load_image(path, self.image_size)
@@ -158,19 +158,25 @@ class ImageFiles(Dataset):
             if path not in _warned_paths:
                 _warned_paths.add(path)
                 log.warning("skipping bad image: %s", error)
-            return None
+            return BadFile(str(path))
         return image if self.targets is None else (image, self.targets[index])
 
 
+class BadFile(NamedTuple):
+    """The sample of a file that could not be decoded: its path, so that each bad file counts once."""
+
+    path: str
+
+
 class SkipCounted(NamedTuple):
-    """A collated batch and how many of its samples were dropped as bad files."""
+    """A collated batch and the paths of the bad files dropped from it."""
 
     batch: Any
-    skipped: int
+    skipped: tuple[str, ...]
 
 
 class CollateSkipping:
-    """Stacks the good samples of a batch and counts the skipped (None) ones.
+    """Stacks the good samples of a batch and names the skipped (`BadFile`) ones.
 
     A batch whose every file is bad becomes an empty one (B = 0), so the shapes stay typed.
     """
@@ -179,8 +185,8 @@ class CollateSkipping:
         self.image_size, self.with_targets = image_size, with_targets
 
     def __call__(self, samples: list[Any]) -> SkipCounted:
-        good = [sample for sample in samples if sample is not None]
-        skipped = len(samples) - len(good)
+        good = [sample for sample in samples if not isinstance(sample, BadFile)]
+        skipped = tuple(sample.path for sample in samples if isinstance(sample, BadFile))
         if not self.with_targets:
             return SkipCounted(self._stack(good), skipped)
         images = self._stack([image for image, _ in good])

@@ -38,7 +38,8 @@ class ImageFolderDataModule(AmalgamDataModule):
     Validation and test use the same `eval_dirs`.
 
     The loaders themselves yield `SkipCounted(batch, skipped)` of uint8 images; the hook
-    unwraps it and adds `skipped` (bad files dropped from the batch) to `skipped_total`.
+    unwraps it and adds `skipped` (the bad files dropped from the batch) to `skipped_files`, whose size
+    is `skipped_total`: each bad file counts once, however often it is read (on this process, under DDP).
 
     Args:
         train_dir: Folder of training images, any depth, no labels needed.
@@ -93,7 +94,7 @@ class ImageFolderDataModule(AmalgamDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.eval_batch_size = eval_batch_size or batch_size
         self.padding, self.flip, self.strict = padding, flip, strict
-        self.skipped_total = 0
+        self.skipped_files: set[str] = set()
         self.train_paths: list[Path] | None = None
         self.eval_files: dict[str, list[tuple[Path, str]]] | None = None
         self._predict_paths: list[Path] | None = None
@@ -119,6 +120,11 @@ class ImageFolderDataModule(AmalgamDataModule):
                     f"Rename the sub-folders to the teacher's class names."
                 )
             self.task_classes[task] = list(expected[task])
+
+    @property
+    def skipped_total(self) -> int:
+        """How many distinct image files could not be read so far."""
+        return len(self.skipped_files)
 
     @property
     def predict_paths(self) -> list[Path]:
@@ -147,7 +153,7 @@ class ImageFolderDataModule(AmalgamDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, SkipCounted):
-            self.skipped_total += int(batch.skipped)
+            self.skipped_files.update(batch.skipped)
             batch = batch.batch
         return super().on_after_batch_transfer(batch, dataloader_idx)
 
@@ -163,8 +169,8 @@ class ImageFolderDataModule(AmalgamDataModule):
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            # A size-1 last batch breaks BatchNorm; still keep it when it is the only batch.
-            drop_last=train and len(dataset) > batch_size,
+            # A size-1 last batch breaks BatchNorm; still keep it when it is the only batch (of this rank).
+            drop_last=train and (sampler.num_samples if sampler else len(dataset)) > batch_size,
             num_workers=self.num_workers,
             collate_fn=CollateSkipping(self.image_size, with_targets=dataset.targets is not None),
             pin_memory=pin_memory_default(),
