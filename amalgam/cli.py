@@ -92,8 +92,8 @@ def entry_point(args: list[str] | None = None) -> int:
         else:
             main(args)  # None: LightningCLI reads sys.argv itself (and warns if given both)
     except SIGTERMException:
-        print("amalgam: stopped by SIGTERM after the current step; resume with --ckpt_path last",
-              file=sys.stderr)
+        print("amalgam: stopped by SIGTERM after the current step; resume with --ckpt_path last (a run whose "
+              "ModelCheckpoint keeps a last checkpoint, save_last: true)", file=sys.stderr)
         return 143
     except USER_ERRORS as err:
         if os.environ.get("AMALGAM_TRACEBACK"):
