@@ -114,7 +114,9 @@ class FeatureTapper:
         else:
             final = model.forward_features(x)
         pooled = model.forward_head(final, pre_logits=True)
-        logits = model.get_classifier()(pooled)
+        # The model's own head, not get_classifier()(pooled): it also holds heads that are not one layer
+        # (distilled ViTs' two, conv-fc heads) and the head's dropout, as the exported model runs it.
+        logits = model.forward_head(final)
         taps = [pooled if pos not in self._stage_index else maps[self._stage_index[pos]]
                 for pos in range(len(self.taps))]
         return Features(taps, logits)

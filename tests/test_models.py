@@ -26,3 +26,24 @@ def test_nopool_variants_keep_the_stem_resolution(name, blocks):
 def test_resnet14_nopool_has_no_pretrained_weights():
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("amalgam_resnet14_nopool", pretrained=True)
+
+
+@pytest.mark.parametrize("family", ["resnet", "vit", "convnext", "swin", "distilled"])
+def test_tapped_logits_are_the_models_own_forward(family):
+    """Taps read at a stage and the pooled vector, logits from the model's own head: in eval mode the same
+    numbers as the plain timm model, also for heads that are not a single layer (a distilled ViT has two)."""
+    from conftest import SIZE, TINY
+
+    from amalgam.backbones import TappedNetwork
+
+    spec = TINY[family] if family != "distilled" else {
+        "arch": "deit_tiny_distilled_patch16_224",
+        "model_kwargs": {"img_size": SIZE, "patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2}}
+    torch.manual_seed(0)
+    net = TappedNetwork(spec["arch"], 3, ["pooled", -1], SIZE, model_kwargs=spec["model_kwargs"]).eval()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = net(images)
+        expected = net.model(net.preprocess(images))
+    torch.testing.assert_close(out.logits, expected)
+    assert out.taps[0].shape == (2, net.model.num_features) and out.taps[1].ndim == 4
