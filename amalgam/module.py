@@ -6,6 +6,7 @@ step as a chain of small hooks a subclass may override, evaluation, optimisers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, NotRequired, TypedDict
 
 import lightning as L
@@ -222,12 +223,13 @@ class AmalgamationModule(L.LightningModule):
         # With both common-space terms off (plain KD) the blocks would only cost time: build none.
         uses_blocks = weights["mmd"] > 0 or weights["recon"] > 0
         self.blocks = self._build_blocks(block_width, block_depth) if uses_blocks else nn.ModuleList()
-        self.kd_loss = SoftTargetKD(kd, temperature)
+        self.kd_loss = config_value("kd/temperature", lambda: SoftTargetKD(kd, temperature))
         if not 0.0 <= kd_task_weighting <= 1.0:
             raise ValueError(f"model.kd_task_weighting must be in [0, 1], got {kd_task_weighting}")
         if kd_task_weighting and kd != "slice":
             raise ValueError("model.kd_task_weighting weighs each teacher's term separately: it needs kd: slice")
-        self.mmd_loss = MultiBandwidthMMD(mmd_bandwidths or PAPER_BANDWIDTHS)
+        self.mmd_loss = config_value("mmd_bandwidths", lambda: MultiBandwidthMMD(
+            PAPER_BANDWIDTHS if mmd_bandwidths is None else mmd_bandwidths))
         self.recon_loss = ReconstructionLoss()
         self.union_prior = UnionPrior()
         if mixup_alpha < 0:
@@ -236,8 +238,8 @@ class AmalgamationModule(L.LightningModule):
             raise ValueError(f"model.selflabel_target must be 'class' or 'task', got {selflabel_target!r}")
         if task_gate_target not in ("gate", "product"):
             raise ValueError(f"model.task_gate_target must be 'gate' or 'product', got {task_gate_target!r}")
-        self.self_label = SelfLabel(selflabel_threshold)
-        self.view_contrast = ViewContrast(contrast_temperature)
+        self.self_label = config_value("selflabel_threshold", lambda: SelfLabel(selflabel_threshold))
+        self.view_contrast = config_value("contrast_temperature", lambda: ViewContrast(contrast_temperature))
         # Built only when used, so that checkpoints without the term keep their keys.
         self.projector = self._build_projector(contrast_dim) if weights["contrast"] else None
         # Like the teachers, frozen and outside the module tree (a list, so that nn.Module does not register it).
@@ -251,7 +253,8 @@ class AmalgamationModule(L.LightningModule):
         if weights["neighbour"] and untapped:
             raise ValueError(f"loss_weights.neighbour looks for neighbours in the teachers' features, but teachers "
                              f"{untapped} have no taps: give each at least one (e.g. taps: [pooled])")
-        self.neighbour_loss = NeighbourConsistency(neighbour_bank_size, neighbour_k) if weights["neighbour"] else None
+        self.neighbour_loss = config_value("neighbour_bank_size/neighbour_k", lambda: NeighbourConsistency(
+            neighbour_bank_size, neighbour_k)) if weights["neighbour"] else None
         # Built only when used; the hooks read each BatchNorm teacher's layer inputs during the teachers' pass.
         self._moments: dict[str, list[Tensor]] = {}
         self.task_gates = self._build_task_gates() if weights["task_gate"] else None
@@ -660,6 +663,14 @@ class AmalgamationModule(L.LightningModule):
                 f"weights {broken[:5]} became NaN/Inf by step {self.global_step} (epoch {self.current_epoch}); "
                 f"this checkpoint was not written and earlier ones are intact. Lower the learning rate or the "
                 f"loss weights, then resume with --ckpt_path last.")
+
+
+def config_value(key: str, build: Callable[[], Any]) -> Any:
+    """``build()``, its ValueError prefixed with the config key that caused it."""
+    try:
+        return build()
+    except ValueError as err:
+        raise ValueError(f"model.{key}: {err}") from err
 
 
 def mirror_average(out: Features) -> Features:

@@ -216,6 +216,18 @@ def test_mixup_and_strong_views_feed_teachers_and_student_the_same_view(tmp_path
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    ({"temperature": 0.0}, r"model.kd/temperature: KD temperature must be positive"),
+    ({"mmd_bandwidths": []}, r"model.mmd_bandwidths: MMD bandwidths must be positive numbers, got \[\]"),
+    ({"selflabel_threshold": 1.5}, r"model.selflabel_threshold: .* in \[0, 1\)"),
+    ({"contrast_temperature": -1.0}, r"model.contrast_temperature: "),
+    ({"loss_weights": {"neighbour": 1.0}, "neighbour_k": 0}, r"model.neighbour_bank_size/neighbour_k: "),
+])
+def test_bad_loss_settings_name_their_config_key(args, message):
+    with pytest.raises(ValueError, match=message):
+        AmalgamationModule([teacher("a", "resnet")], student(), block_width=8, block_depth=1, **args)
+
+
 def test_bad_tap_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown tap 'layer9'.*layer4"):
         Teacher(**teacher("a", "resnet", taps=["layer9"]))
