@@ -259,7 +259,8 @@ class NeighbourConsistency(nn.Module):
     ``forward`` compares the batch with earlier batches only, then adds the batch to the bank (like
     BatchNorm's running statistics, it updates state on every training call). It returns 0 until ``k``
     entries are filled. The bank is saved in the state dict (``get_extra_state``), so a resumed run continues
-    with it; it is not a buffer, so DDP does not broadcast it: every process keeps its own bank.
+    with it; it is not a buffer, so DDP does not broadcast it: every process keeps its own bank (a checkpoint
+    holds rank 0's, which every process of a resumed DDP run starts from).
 
     Args:
         bank_size: entries kept; older entries hold the student's older, less trained predictions.
