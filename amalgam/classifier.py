@@ -16,6 +16,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from amalgam.backbones import TappedNetwork
+from amalgam.checkpointing import seed_training_batch
 
 
 class Classifier(L.LightningModule):
@@ -49,6 +50,13 @@ class Classifier(L.LightningModule):
         if data_classes is not None and list(data_classes) != list(self.hparams.classes):
             raise ValueError(f"classifier task {self.hparams.task!r}: the data's classes {list(data_classes)} "
                              f"differ from model.classes {list(self.hparams.classes)}")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # As in AmalgamationModule: crops, flips and dropout drawn from a seed fixed by (seed, epoch, batch),
+        # so a run resumed mid-epoch (--ckpt_path last) ends with the uninterrupted run's weights.
+        if self._trainer is not None and self.trainer.training:
+            seed_training_batch(self.trainer)
+        return batch
 
     def forward(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import SIZE, TASK_CLASSES, TINY
 
 from amalgam import Classifier
+from amalgam.data.fashion_mnist import DEFAULT_ROOT, FASHION_MNIST_CLASSES
 
 
 def _classifier(**extra) -> Classifier:
@@ -73,3 +76,48 @@ def test_a_teacher_takes_its_preprocessing_and_checks_its_classes_from_a_classif
     with pytest.warns(UserWarning, match=r"classes \['z', 'y', 'x'\] differ from those its checkpoint"):
         Teacher("b", ["z", "y", "x"], TINY["resnet"]["arch"], checkpoint=str(path),
                 model_kwargs=TINY["resnet"]["model_kwargs"])
+
+
+class Stopped(Exception):
+    pass
+
+
+class StopAt(L.Callback):
+    """Stops a run before its fifth training step, as a crash would."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 4:
+            raise Stopped
+
+
+@pytest.mark.skipif(not Path(DEFAULT_ROOT, "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST not installed (sudo apt-get install dataset-fashion-mnist)")
+def test_teacher_training_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+    from amalgam.cli import main
+
+    def config(name: str, **trainer) -> str:
+        checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(tmp_path / name), "save_last": True, "every_n_train_steps": 1}}
+        cfg = {"seed_everything": 0,
+               "trainer": {"accelerator": "cpu", "max_epochs": 2, "logger": False, "enable_progress_bar": False,
+                           "limit_val_batches": 1, "callbacks": [checkpoint], **trainer},
+               "model": {"class_path": "amalgam.Classifier",
+                         "init_args": {"task": "a", "classes": FASHION_MNIST_CLASSES[:5], "input_size": 28,
+                                       **TINY["resnet"]}},
+               # 3 batches of 16 per epoch, random crops and flips (the data module's defaults).
+               "data": {"class_path": "amalgam.data.FashionMNISTDataModule",
+                        "init_args": {"supervised_task": "a", "batch_size": 16, "train_limit": 50, "eval_limit": 16}}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    main(["fit", "--config", config("full")])
+    with pytest.raises(Stopped):  # one batch into the second epoch, as a crash would stop it
+        main(["fit", "--config", config("run"), "--trainer.callbacks+", f"{__name__}.StopAt"])
+    stopped = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert stopped["global_step"] == 4 and stopped["epoch"] == 1
+    main(["fit", "--config", config("run"), "--ckpt_path", "last"])
+    full, resumed = (torch.load(tmp_path / n / "last.ckpt", weights_only=True) for n in ("full", "run"))
+    assert full["global_step"] == resumed["global_step"] == 6
+    differ = [k for k in full["state_dict"] if not torch.equal(full["state_dict"][k], resumed["state_dict"][k])]
+    assert not differ, f"resumed weights differ from the uninterrupted run's: {differ[:5]}"
