@@ -12,6 +12,8 @@ export WANDB_MODE ?= offline
 setup: $(VENV)/.installed $(FASHION)
 
 $(VENV)/.installed: pyproject.toml
+	@# Debian/Ubuntu ship venv's pip bootstrap (ensurepip) in a package of its own.
+	$(PYTHON) -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

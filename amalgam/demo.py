@@ -3,7 +3,8 @@
 1. two specialist teachers of different families learn disjoint halves of the classes, with labels
    (skipped when their checkpoints already exist);
 2. a student of a third architecture learns both tasks from the unlabeled training images (CFL);
-3. the test split scores everyone; ``<out>/summary.json``, ``summary.md`` and two pictures are written.
+3. the test split scores everyone; ``<out>/summary.json``, ``summary.md`` and three pictures (accuracy bars,
+   the common space, the task-agnostic confusion) are written.
 
 Every stage is the ordinary CLI on the YAML files in ``configs/fashion/``: the demo only rewrites their
 output paths, epochs and data limits into ``<artifacts>/configs/`` and runs them in turn.

@@ -200,12 +200,12 @@ class _NormalizedStudent(nn.Module):
 def export_onnx(student: Student, path: str | Path) -> Path:
     """``student`` as ONNX: input ``images`` float [B, 3, input_size, input_size] in [0, 1], output ``logits``
     [B, num_classes] (the union head; ``config.json`` says which slice is which task). Needs ``onnx``
-    (``pip install 'amalgam[onnx]'``)."""
+    (``pip install -e '.[onnx]'``)."""
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401  (the torch.export-based exporter writes through it)
     except ImportError as err:
-        raise ImportError("ONNX export needs the onnx and onnxscript packages: pip install 'amalgam[onnx]'") from err
+        raise ImportError("ONNX export needs the onnx and onnxscript packages: pip install -e '.[onnx]'") from err
     size = student.input_size
     example = torch.rand(2, 3, size, size)
     # torch.export-based exporter (the TorchScript one is deprecated); one file, any batch size.
@@ -222,7 +222,7 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
                     "preprocessing); reload with amalgam.load_student(OUT).")
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `python -m amalgam fit`")
     parser.add_argument("--out", required=True, help="folder to write model.safetensors and config.json to")
-    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs amalgam[onnx])")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx extra: pip install -e '.[onnx]')")
     args = parser.parse_args(argv)
     out = export_student(args.ckpt, args.out, onnx=args.onnx)
     print(f"student exported to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")

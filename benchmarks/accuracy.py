@@ -53,7 +53,7 @@ SETTINGS = {"S2": {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]},
             "S3": {"a": [0, 1, 2, 3], "b": [4, 5, 6], "c": [7, 8, 9]}}
 GRAY = {"mean": [0.286] * 3, "std": [0.353] * 3}
 
-# Model families per preset. The CPU preset is sized for 2 cores; the GPU preset follows the setting.
+# Model families per preset. The CPU preset is sized for 2 cores; the GPU preset is the full schedule.
 PRESETS = {
     "cpu": {
         "teachers": [

@@ -100,6 +100,7 @@ def test_teacher_training_stopped_mid_epoch_resumes_to_the_uninterrupted_weights
                       "init_args": {"dirpath": str(tmp_path / name), "save_last": True, "every_n_train_steps": 1}}
         cfg = {"seed_everything": 0,
                "trainer": {"accelerator": "cpu", "max_epochs": 2, "logger": False, "enable_progress_bar": False,
+                           "default_root_dir": str(tmp_path / name),
                            "limit_val_batches": 1, "callbacks": [checkpoint], **trainer},
                "model": {"class_path": "amalgam.Classifier",
                          "init_args": {"task": "a", "classes": FASHION_MNIST_CLASSES[:5], "input_size": 28,

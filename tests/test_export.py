@@ -145,12 +145,12 @@ def test_onnx_export_without_its_packages_is_one_line(trained, tmp_path, capsys,
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
     code = entry_point(["export", "--ckpt", str(trained["ckpt"]), "--out", str(tmp_path / "o"), "--onnx"])
     err = capsys.readouterr().err
-    assert code == 1 and "pip install 'amalgam[onnx]'" in err and "Traceback" not in err
+    assert code == 1 and "pip install -e '.[onnx]'" in err and "Traceback" not in err
 
 
 def test_onnx_export_matches_pytorch(trained, tmp_path):
-    pytest.importorskip("onnx", reason="ONNX export needs the onnx extra: pip install 'amalgam[onnx]'")
-    ort = pytest.importorskip("onnxruntime", reason="ONNX parity needs onnxruntime: pip install 'amalgam[onnx]'")
+    pytest.importorskip("onnx", reason="ONNX export needs the onnx extra: pip install -e '.[onnx]'")
+    ort = pytest.importorskip("onnxruntime", reason="ONNX parity needs onnxruntime: pip install -e '.[onnx]'")
     from amalgam.export import export_onnx
 
     exported = load_student(trained["export"])
