@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from amalgam.backbones import TappedNetwork
 from amalgam.checkpointing import seed_training_batch
+from amalgam.module import finite_steps
 
 
 class Classifier(L.LightningModule):
@@ -88,7 +89,7 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
                                       weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = finite_steps(self.trainer, "the classifier's one-cycle schedule needs the run's length")
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, self.hparams.lr, total_steps=total,
                                                         pct_start=0.15)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -645,7 +645,7 @@ class AmalgamationModule(L.LightningModule):
         if hp.scheduler == "step":
             sched = torch.optim.lr_scheduler.StepLR(optimizer, hp.step_epochs, hp.step_gamma)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = finite_steps(self.trainer, "model.scheduler: cosine decays to zero at the end of the run")
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": warmup_cosine(optimizer, hp.warmup_steps, total), "interval": "step"}}
 
@@ -663,6 +663,15 @@ class AmalgamationModule(L.LightningModule):
                 f"weights {broken[:5]} became NaN/Inf by step {self.global_step} (epoch {self.current_epoch}); "
                 f"this checkpoint was not written and earlier ones are intact. Lower the learning rate or the "
                 f"loss weights, then resume with --ckpt_path last.")
+
+
+def finite_steps(trainer: L.Trainer, why: str) -> int:
+    """The run's optimizer steps, for a schedule that needs its length; a clear error for an endless run."""
+    steps = trainer.estimated_stepping_batches
+    if steps == float("inf"):
+        raise ValueError(f"{why}, but the run has no end (trainer.max_epochs -1 without max_steps): set "
+                         f"trainer.max_epochs or trainer.max_steps")
+    return max(1, int(steps))
 
 
 def config_value(key: str, build: Callable[[], Any]) -> Any:

@@ -89,6 +89,13 @@ def test_a_batch_of_one_image_skips_the_step_alone_and_joins_ddp_with_zero_gradi
     assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
 
 
+def test_an_endless_run_with_a_decaying_schedule_says_what_to_set(tmp_path, image_tree, capsys):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student(), trainer={"max_epochs": -1})
+    code, err = run_entry(["fit", "--config", str(cfg)], capsys)
+    assert code == 1 and "model.scheduler: cosine" in err and "set trainer.max_epochs or trainer.max_steps" in err
+    assert "Traceback" not in err
+
+
 def test_a_nan_on_one_ddp_process_stops_every_process():
     from types import SimpleNamespace
 
