@@ -113,7 +113,7 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for attr in ("task_names", "teachers"):
             if not hasattr(pl_module, attr):
-                raise TypeError(f"PredictionWriter needs a model with '{attr}' (an AmalgamationModule); "
+                raise ValueError(f"PredictionWriter needs a model with '{attr}' (an AmalgamationModule); "
                                 f"got {type(pl_module).__name__}")
         self.classes = {t.task: list(t.classes) for t in pl_module.teachers}
         self.union = [(task, name) for task in pl_module.task_names for name in self.classes[task]]
