@@ -114,7 +114,7 @@ class PredictionWriter(BasePredictionWriter):
         for attr in ("task_names", "teachers"):
             if not hasattr(pl_module, attr):
                 raise ValueError(f"PredictionWriter needs a model with '{attr}' (an AmalgamationModule); "
-                                f"got {type(pl_module).__name__}")
+                                 f"got {type(pl_module).__name__}")
         self.classes = {t.task: list(t.classes) for t in pl_module.teachers}
         self.union = [(task, name) for task in pl_module.task_names for name in self.classes[task]]
         path = self.path_for_rank(trainer.global_rank)
