@@ -89,7 +89,10 @@ class CommonFeatureBlock(nn.Module):
 
     def align(self, x: Tensor) -> Tensor:
         if self.kind == "map" and tuple(x.shape[-2:]) != self.grid:
-            return F.interpolate(x, size=self.grid, mode="bilinear", align_corners=False)
+            # Antialiased when shrinking: plain bilinear would read only the pixels next to the sample points
+            # (a 7x7 ViT map brought to 3x3 would leave most of its tokens out of MMD and reconstruction).
+            shrink = x.shape[-2] > self.grid[0] or x.shape[-1] > self.grid[1]
+            return F.interpolate(x, size=self.grid, mode="bilinear", align_corners=False, antialias=shrink)
         return x
 
     def forward(self, student: Tensor, teachers: Sequence[Tensor]) -> CommonFeatures:

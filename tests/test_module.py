@@ -233,6 +233,24 @@ def test_bad_tap_lists_valid_ones():
         Teacher(**teacher("a", "resnet", taps=["layer9"]))
 
 
+def test_common_feature_block_aligns_teacher_maps_to_the_student_grid_using_every_token():
+    from amalgam.common_feature import CommonFeatureBlock
+
+    torch.manual_seed(0)
+    block = CommonFeatureBlock((8, 3, 3), [(6, 7, 7), (5, 2, 2)], width=4, depth=1, names=["vit", "cnn"])
+    student_map = torch.randn(2, 8, 3, 3)
+    vit = torch.randn(2, 6, 7, 7, requires_grad=True)  # 7x7 tokens shrunk to the student's 3x3
+    cnn = torch.randn(2, 5, 2, 2)                       # 2x2 grown to 3x3
+    out = block(student_map, [vit, cnn])
+    assert out.student.shape == (2, 4, 3, 3) and [h.shape for h in out.teachers] == [(2, 4, 3, 3)] * 2
+    assert [t.shape for t in out.targets] == [(2, 6, 3, 3), (2, 5, 3, 3)]
+    assert [r.shape for r in out.reconstructions] == [(2, 6, 3, 3), (2, 5, 3, 3)]
+    # Shrinking is antialiased: every one of the 49 tokens reaches the aligned target (plain bilinear reads 25).
+    out.targets[0].sum().backward()
+    assert (vit.grad != 0).all()
+    assert torch.allclose(out.targets[0].mean((2, 3)), vit.mean((2, 3)), atol=0.2)
+
+
 def test_mismatched_tap_kinds_cannot_align():
     with pytest.raises(ValueError, match="Cannot align"):
         AmalgamationModule([teacher("a", "resnet", "vector"), teacher("b", "vit", "map")], student("map"))
