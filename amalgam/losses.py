@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -143,13 +144,30 @@ def _kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> T
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(1)
 
 
+def batch_mean(x: Tensor) -> Tensor:
+    """Mean over dim 0 of the whole batch: under DDP, of every process's batch together, with gradients.
+
+    Each process then holds the same value. Its gradient reaches every process's rows (all-reduce's backward
+    sums the processes' gradients), and DDP averages parameter gradients over processes: the step is that of
+    one process seeing the whole batch, as for the terms that average per sample.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x.mean(0)
+    from torch.distributed.nn.functional import all_reduce  # differentiable
+
+    flat = x.reshape(x.shape[0], -1)
+    total = all_reduce(torch.cat([flat.sum(0), flat.new_tensor([x.shape[0]])]))
+    return (total[:-1] / total[-1]).reshape(x.shape[1:])
+
+
 class UnionPrior(nn.Module):
     """Information maximisation on the student's union softmax: a label-free cure for miscalibrated slices.
 
     Per-slice KD fixes the distribution *inside* each teacher's slice but leaves free how much mass each
     slice gets, so task-agnostic accuracy hinges on arbitrary offsets between slices. Two terms set it:
     - ``balance``: ``log K - H(mean_batch p)``, zero when the batch's mean prediction is uniform over the K
-      union classes (the unlabeled pool is assumed roughly class-balanced);
+      union classes (the unlabeled pool is assumed roughly class-balanced); under DDP the mean is over every
+      process's batch (``batch_mean``);
     - ``entropy``: ``mean H(p)``, small when each image commits to one class, which moves the boundary
       between look-alike classes of different teachers into low-density regions of the student's features.
     Returns both terms; weigh them with ``loss_weights.balance`` and ``loss_weights.entropy``.
@@ -159,7 +177,7 @@ class UnionPrior(nn.Module):
         with torch.autocast(student_logits.device.type, enabled=False):
             log_p = F.log_softmax(student_logits.float(), dim=1)
             p = log_p.exp()
-            mean_p = p.mean(0)
+            mean_p = batch_mean(p)
             balance = math.log(p.shape[1]) + (mean_p * mean_p.clamp_min(1e-12).log()).sum()
             entropy = -(p * log_p).sum(1).mean()
             return {"balance": balance, "entropy": entropy}
@@ -199,7 +217,7 @@ class SelfLabel(nn.Module):
         with torch.autocast(weak_logits.device.type, enabled=False):
             with torch.no_grad():
                 p = F.softmax(weak_logits.detach().float(), dim=1)
-                p = p / p.mean(0, keepdim=True).clamp_min(1e-12)
+                p = p / batch_mean(p).clamp_min(1e-12)  # every process's batch under DDP
                 p = p / p.sum(1, keepdim=True)
                 if slices is not None:
                     p = slice_mass(p, slices)

@@ -17,6 +17,7 @@ from amalgam.losses import (
     SelfLabel,
     SoftTargetKD,
     TaskGate,
+    UnionPrior,
     ViewContrast,
     batchnorm_moments,
     gated_task_loss,
@@ -834,3 +835,38 @@ def test_product_target_pulls_every_slice_by_its_own_gate_and_trains_the_gates()
                                             for k, v in terms.items()), rel=1e-5)
     terms["task_gate_fit"].backward(retain_graph=True)
     assert all(g.linear.weight.grad.abs().sum() > 0 for g in module.task_gates.values())
+
+
+def _batch_statistics_worker(rank: int, world: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    from amalgam.losses import SelfLabel, UnionPrior
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    logits, strong = torch.randn(8, 5) * 3, torch.randn(8, 5)
+    mine = logits[rank::world].clone().requires_grad_(True)
+    balance = UnionPrior()(mine)["balance"]
+    balance.backward()
+    selflabel, _ = SelfLabel(threshold=0.5)(mine.detach(), strong[rank::world])
+    torch.save({"balance": balance.detach(), "grad": mine.grad, "selflabel": selflabel}, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_batch_statistics_span_every_ddp_process(tmp_path):
+    """Under DDP the union prior's mean prediction and self-labelling's alignment see the whole batch: the
+    same value as one process with every row, and gradients that DDP's averaging turns into that process's."""
+    world = 2
+    torch.multiprocessing.spawn(_batch_statistics_worker, args=(world, str(tmp_path)), nprocs=world)
+    torch.manual_seed(0)
+    logits, strong = torch.randn(8, 5) * 3, torch.randn(8, 5)
+    full = logits.clone().requires_grad_(True)
+    balance = UnionPrior()(full)["balance"]
+    balance.backward()
+    selflabel, _ = SelfLabel(threshold=0.5)(logits, strong)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    for r, got in enumerate(ranks):
+        torch.testing.assert_close(got["balance"], balance.detach())
+        # All-reduce's backward sums the processes' gradients; DDP then divides by the number of processes.
+        torch.testing.assert_close(got["grad"] / world, full.grad[r::world])
+    torch.testing.assert_close(sum(got["selflabel"] for got in ranks) / world, selflabel)
