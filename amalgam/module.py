@@ -500,11 +500,16 @@ class AmalgamationModule(L.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer else None
         if hasattr(datamodule, "skipped_total"):  # unreadable image files dropped so far
             self.log("data/skipped", float(datamodule.skipped_total), on_step=True, on_epoch=False)
-        if images.shape[0] < 2:  # unreadable files left < 2 images; BatchNorm and MMD need 2: skip the step
-            if self._trainer is None or self.trainer.world_size == 1:
+        too_few = images.shape[0] < 2  # unreadable files left < 2 images; BatchNorm and MMD need 2
+        ddp = self._trainer is not None and self.trainer.world_size > 1
+        if ddp and hasattr(datamodule, "skipped_total"):
+            # Every process skips together: the others would wait for this one in the step's all-reduces
+            # (the union prior's batch mean, the gradients). Only folders of files can lose images.
+            too_few = self.trainer.strategy.reduce_boolean_decision(too_few, all=False)
+        if too_few:
+            if not ddp:
                 return None
-            # Under DDP the other ranks' backward waits for this one's gradients: a zero loss through every
-            # trainable parameter joins their all-reduce instead of hanging it.
+            # DDP's gradient all-reduce still runs: a zero loss through every trainable parameter joins it.
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         if self.hparams.shared_strong_view:
             images = strong_view(images)

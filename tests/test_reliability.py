@@ -72,21 +72,34 @@ def test_fit_counts_and_logs_skipped_images(tmp_path, image_tree):
     assert cli.trainer.callback_metrics["data/skipped"] == 4
 
 
-def test_a_batch_of_one_image_skips_the_step_alone_and_joins_ddp_with_zero_gradients():
+def test_a_batch_of_one_image_skips_the_step_and_under_ddp_every_process_skips_it():
     from types import SimpleNamespace
 
     model = AmalgamationModule([teacher("a", "resnet"), teacher("b", "vit")], student(), block_width=8,
                                block_depth=1)
-    one = torch.rand(1, 3, 32, 32)
-    model.trainer = SimpleNamespace(world_size=1, datamodule=None, training=True)
+    model.log = lambda *args, **kwargs: None  # no trainer to log to
+    folder = SimpleNamespace(skipped_total=7)  # a data module that drops unreadable files
+    one, four = torch.rand(1, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    model.trainer = SimpleNamespace(world_size=1, datamodule=folder, training=True)
     assert model.training_step(one, 0) is None
-    # Under DDP every rank must run backward, or the others wait in their gradient all-reduce for ever.
-    model.trainer = SimpleNamespace(world_size=2, datamodule=None, training=True)
-    loss = model.training_step(one, 0)
-    assert loss.item() == 0.0
-    loss.backward()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
+    # Under DDP the decision is shared: a process with 4 good images skips too when another has too few,
+    # since the others would wait for it in the step's all-reduces. Every process still runs backward.
+    decisions = []
+
+    def reduce_boolean_decision(decision, all):  # Lightning's argument names
+        decisions.append((decision, all))
+        return True  # some process has fewer than 2 images
+
+    model.trainer = SimpleNamespace(world_size=2, datamodule=folder, training=True,
+                                    strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision))
+    for images in (one, four):
+        loss = model.training_step(images, 0)
+        assert loss.item() == 0.0
+        model.zero_grad()
+        loss.backward()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
+    assert decisions == [(True, False), (False, False)]
 
 
 def test_an_endless_run_with_a_decaying_schedule_says_what_to_set(tmp_path, image_tree, capsys):
