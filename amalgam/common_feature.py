@@ -91,8 +91,10 @@ class CommonFeatureBlock(nn.Module):
         if self.kind == "map" and tuple(x.shape[-2:]) != self.grid:
             # Antialiased when shrinking: plain bilinear would read only the pixels next to the sample points
             # (a 7x7 ViT map brought to 3x3 would leave most of its tokens out of MMD and reconstruction).
+            # In float32: the antialiased resize has no bf16 kernel on CPU (bf16-true).
             shrink = x.shape[-2] > self.grid[0] or x.shape[-1] > self.grid[1]
-            return F.interpolate(x, size=self.grid, mode="bilinear", align_corners=False, antialias=shrink)
+            resized = F.interpolate(x.float(), size=self.grid, mode="bilinear", align_corners=False, antialias=shrink)
+            return resized.to(x.dtype)
         return x
 
     def forward(self, student: Tensor, teachers: Sequence[Tensor]) -> CommonFeatures:

@@ -114,9 +114,11 @@ class ReferenceStep:
             terms["mmd"], terms["recon"] = s_logits.new_zeros(()), s_logits.new_zeros(())
         for k, block in enumerate(self.blocks):
             f_s, f_ts = s_taps[k], [taps[k] for taps, _ in teacher_out]
-            if block.kind == "map":  # every teacher map resampled to the student's grid
-                f_ts = [t if t.shape[-2:] == f_s.shape[-2:] else
-                        F.interpolate(t, size=f_s.shape[-2:], mode="bilinear", align_corners=False) for t in f_ts]
+            if block.kind == "map":  # every teacher map resampled to the student's grid, antialiased to shrink
+                grid = f_s.shape[-2:]
+                f_ts = [t if t.shape[-2:] == grid else
+                        F.interpolate(t, size=grid, mode="bilinear", align_corners=False,
+                                      antialias=t.shape[-2] > grid[0] or t.shape[-1] > grid[1]) for t in f_ts]
             adapted = [block.student_adapter(f_s)] + [a(t) for a, t in zip(block.teacher_adapters, f_ts)]
             h = block.extractor(torch.cat(adapted)).split([a.shape[0] for a in adapted])
             h_s, h_ts = h[0], h[1:]
