@@ -74,7 +74,9 @@ def is_timm_model(model: nn.Module) -> bool:
 def valid_taps(model: nn.Module) -> list[str]:
     if is_timm_model(model):
         return [POOLED] + [info["module"] for info in model.feature_info]
-    return [name for name, _ in model.named_modules() if name]
+    # A plain module: any submodule's output, and "pooled", the input of its head (last Linear) when it has one.
+    pooled = [POOLED] if classifier_of(model) is not None else []
+    return pooled + [name for name, _ in model.named_modules() if name]
 
 
 class FeatureTapper:
@@ -125,7 +127,10 @@ class FeatureTapper:
         modules = dict(self.model.named_modules())
         captured: dict[str, Tensor] = {}
         handles = [modules[str(t)].register_forward_hook(
-            lambda _m, _i, out, name=str(t): captured.__setitem__(name, out)) for t in self.taps]
+            lambda _m, _i, out, name=str(t): captured.__setitem__(name, out)) for t in self.taps if t != POOLED]
+        if POOLED in self.taps:  # what the head reads
+            handles.append(classifier_of(self.model).register_forward_pre_hook(
+                lambda _m, inputs: captured.__setitem__(POOLED, inputs[0].flatten(1))))
         try:
             logits = self.model(x)
         finally:

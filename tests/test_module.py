@@ -321,6 +321,12 @@ def test_class_path_teacher_is_tapped_by_hooks(tmp_path, image_tree):
     t = Teacher(**plain, taps=["features", "pool"])
     feats = t(torch.rand(2, 3, SIZE, SIZE))
     assert [tuple(f.shape) for f in feats.taps] == [(2, 6, 8, 8), (2, 6)] and feats.logits.shape == (2, 2)
+    # The default tap, "pooled", is what the head (its last Linear) reads: the same vector as its "pool".
+    t = Teacher(**plain)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    feats = t(images)
+    assert [tuple(f.shape) for f in feats.taps] == [(2, 6)]
+    torch.testing.assert_close(feats.logits, t.net.model.fc(feats.taps[0]))
     cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), {**plain, "taps": ["features"]}], student(),
                          trainer={"fast_dev_run": 1})
     cli = main(["fit", "--config", str(cfg)])
