@@ -49,18 +49,29 @@ def stage_config(name: str, artifacts: Path, epochs: int | None, data: dict[str,
 
 
 def stale_teacher(ckpt: Path, config: Path) -> str:
-    """What differs between a saved teacher and its config (arch, classes, model_kwargs); "" if nothing.
+    """What differs between a saved teacher and its config (arch, classes, model_kwargs, epochs, training
+    images); "" if nothing.
 
-    A checkpoint left by an older version of the config would otherwise fail to load in the amalgamation.
+    A checkpoint left by an older version of the config would otherwise fail to load in the amalgamation, and
+    one left by a shorter run (``--teacher-epochs 1 --train-limit 500``) would quietly weaken a full demo.
     """
     if not ckpt.exists():
         return ""
     import torch
 
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
-    wanted = yaml.safe_load(config.read_text())["model"]["init_args"]
-    keys = ("arch", "classes", "model_kwargs")
-    return ", ".join(f"{k}: {saved.get(k)} != {wanted.get(k)}" for k in keys if saved.get(k) != wanted.get(k))
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    config_all = yaml.safe_load(config.read_text())
+    saved, wanted = checkpoint.get("hyper_parameters", {}), config_all["model"]["init_args"]
+    differ = [f"{k}: {saved.get(k)} != {wanted.get(k)}" for k in ("arch", "classes", "model_kwargs")
+              if saved.get(k) != wanted.get(k)]
+    epochs, wanted_epochs = checkpoint.get("epoch", -1) + 1, config_all["trainer"].get("max_epochs")
+    if epochs != wanted_epochs:
+        differ.append(f"epochs: {epochs} != {wanted_epochs}")
+    limit = checkpoint.get("datamodule_hyper_parameters", {}).get("train_limit")
+    wanted_limit = config_all["data"]["init_args"].get("train_limit")
+    if limit != wanted_limit:
+        differ.append(f"train_limit: {limit} != {wanted_limit}")
+    return ", ".join(differ)
 
 
 def run_stage(args: list[str]) -> Any:
