@@ -50,6 +50,11 @@ class AmalgamCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+DESCRIPTION = ("Knowledge amalgamation: one student learns the tasks of several frozen teachers from unlabeled "
+               "images (fit, validate, test, predict: Lightning's CLI on a YAML config). `python -m amalgam "
+               "export --ckpt RUN.ckpt --out DIR` writes the trained student alone.")
+
+
 def progress_bar() -> ProgressBar:
     """Rich's bar in a terminal. Written to a file or a pipe (SLURM, nohup, ``| tee``), Rich shows nothing until
     the run ends, so there a tqdm bar, written out every 20 steps."""
@@ -67,6 +72,7 @@ def main(args: list[str] | None = None, run: bool = True) -> AmalgamCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "python -m amalgam", "description": DESCRIPTION},
         args=args,
         run=run,
     )

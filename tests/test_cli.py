@@ -149,6 +149,13 @@ def test_print_config_and_module_entry_point(tmp_path, image_tree):
     assert "amalgam.AmalgamationModule" in out.stdout and "loss_weights" in out.stdout
 
 
+def test_help_names_the_command_and_the_export_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m amalgam") and "python -m amalgam export --ckpt" in out
+
+
 def test_progress_bar_is_rich_in_a_terminal_and_tqdm_in_a_log_file(tmp_path, image_tree, monkeypatch):
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
