@@ -302,7 +302,7 @@ def fit_student(method: str, setting: str, seed: int, preset: dict, work: Path, 
     callbacks = []
     if method == "amalgam+ema":
         steps = (preset["train_limit"] or 60000) // preset["batch_size"] * preset["student_epochs"]
-        callbacks.append(EMAWeightAveraging(decay=1 - 10 / steps))
+        callbacks.append(EMAWeightAveraging(decay=max(0.5, 1 - 10 / steps)))  # short runs: keep it a decay
     t = trainer(preset["student_epochs"], work, callbacks)
     t.fit(model, datamodule=data)
     return model, t, data
@@ -369,13 +369,18 @@ def table(results: dict) -> str:
     for setting, res in results.items():
         tasks = list(res["teachers"])
         lines += [f"\n**{setting}** (teachers: " + ", ".join(f"{t} {100 * a:.2f}" for t, a in res["teachers"].items())
-                  + f"; teachers concatenated, task-agnostic {100 * res['teachers_concat']:.2f})", "", *header(tasks)]
+                  + f"; teachers concatenated, task-agnostic {100 * res['teachers_concat']:.2f})", "",
+                  *header(tasks, ("method", "seeds"))]
         for method, m in res.items():
             if method in ("teachers", "teachers_concat"):
                 continue
-            cells = [f"{100 * m['tasks'][t]:.2f} ± {100 * m['std']['tasks'][t]:.2f}" for t in tasks]
-            cells += [f"{100 * m[k]:.2f} ± {100 * m['std'][k]:.2f}" for k in METRICS]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+
+            def cell(mean: float, std: float, n: int = m["seeds"]) -> str:  # sample std over seeds; none for one
+                return f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f}"
+
+            cells = [cell(m["tasks"][t], m["std"]["tasks"][t]) for t in tasks]
+            cells += [cell(m[k], m["std"][k]) for k in METRICS]
+            lines.append(f"| {method} | {m['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -423,6 +428,25 @@ def cross_task_errors(runs: list[dict], top: int = 4) -> str:
                               for v, i in zip(pairs.values.tolist(), pairs.indices.tolist()))
             lines.append(f"- {method}: {share.sum():.2f} in all; {worst}")
     return "\n".join(lines)
+
+
+def check_runs(runs: list[dict]) -> None:
+    """Refuses what would silently skew a summary: a (setting, method, seed) run twice (it would count as two
+    seeds), or runs of one setting from different schedules (their teachers and students are not comparable).
+    Runs logged before schedules were kept carry none and pass."""
+    seen: dict[tuple, int] = {}
+    for r in runs:
+        key = (r["setting"], r["method"], r["seed"])
+        seen[key] = seen.get(key, 0) + 1
+    repeated = [f"{s} {m} seed {seed} (x{n})" for (s, m, seed), n in seen.items() if n > 1]
+    if repeated:
+        raise ValueError(f"runs logged more than once: {', '.join(repeated)}; keep one line of each (a --runs-log "
+                         f"file appended to by two grids?)")
+    for setting in dict.fromkeys(r["setting"] for r in runs):
+        schedules = {json.dumps(r["schedule"], sort_keys=True) for r in runs
+                     if r["setting"] == setting and r.get("schedule") is not None}
+        if len(schedules) > 1:
+            raise ValueError(f"{setting}: runs of different schedules {sorted(schedules)}; summarise each on its own")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -490,10 +514,11 @@ def main(argv: list[str] | None = None) -> dict:
         meta["seeds"] = sorted({r["seed"] for r in runs})
         meta["seconds"] = round(sum(r["seconds"] for r in runs))  # summed over runs, not wall time
     else:
-        runs = run_grid(args)
+        runs = run_grid(args, command)
         meta = {k: runs[0][k] for k in ("preset", "device", "torch")} if runs else {}
         meta["seeds"] = args.seeds
         meta["seconds"] = round(time.perf_counter() - start)
+    check_runs(runs)
     results = summarize(runs)
     results["_meta"] = {**meta, "command": command}
     out = Path(args.out)
@@ -536,8 +561,13 @@ def train_teachers(args: argparse.Namespace) -> None:
                     print(f"[accuracy] {setting} seed {seed} teacher {task}: {path}", flush=True)
 
 
-def run_grid(args: argparse.Namespace) -> list[dict]:
+SCHEDULE_KEYS = ("teacher_epochs", "student_epochs", "train_limit", "teacher_train_limit", "batch_size", "student")
+
+
+def run_grid(args: argparse.Namespace, command: str = "") -> list[dict]:
     preset, work = grid_preset(args)
+    # Kept with every run, so runs of different schedules are never summarised or paired as one.
+    schedule = {k: preset.get(k) for k in SCHEDULE_KEYS}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     runs = []
     for setting in args.settings:
@@ -547,7 +577,7 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
                 changed = (args.loss_weights or {}) | (args.module_args or {})
                 name = f"{method} {yaml.safe_dump(changed, default_flow_style=True).strip()}" if changed else method
                 r |= {"setting": setting, "method": name, "seed": seed, "preset": args.preset,
-                      "device": device, "torch": torch.__version__}
+                      "schedule": schedule, "command": command, "device": device, "torch": torch.__version__}
                 runs.append(r)
                 print(f"[accuracy] {setting} seed {seed} {name}: tasks {r['tasks']} all {r['acc_all']:.4f} "
                       f"union {r['acc_union']:.4f} balanced {r['acc_union_balanced']:.4f} ({r['seconds']} s)",

@@ -16,6 +16,8 @@
 # METHODS="kd_slice cfl_paper|amalgam+selflabel" runs two students of each chain at once and puts cfl_paper last.
 # BASELINE holds the methods of one more lane that runs only for the seeds in BASELINE_SEEDS (default: all), on the
 # same teachers: BASELINE=amalgam BASELINE_SEEDS=0 gives a new method a paired baseline in the same call.
+# A process that fails or meets the deadline is listed at the end (OUT_DIR/failures.txt) and the script exits 1,
+# after summarising what finished; a chain whose teacher failed runs no students.
 # MPS=1 starts CUDA's Multi-Process Service first, so that the processes' small kernels run side by side instead
 # of taking turns on the GPU; if the daemon does not start or a CUDA context fails under it, the grid runs
 # without it (the log says which).
@@ -28,6 +30,7 @@ python=${PYTHON:-python3}
 here=$(dirname "$0")
 work=${WORK:-/tmp/amalgam-bench-gpu}
 mkdir -p "$out"
+rm -f "$out/failures.txt"  # from an earlier grid into the same folder
 # One thread each: a process spends its CPU time launching kernels, and many share the cores.
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 
@@ -40,19 +43,36 @@ if [ "${MPS:-0}" = 1 ]; then
     echo "[accuracy_gpu] MPS did not start; running without it"
   fi
 fi
+failed() {  # what: one line in OUT_DIR/failures.txt, listed at the end
+  echo "[accuracy_gpu] $*" >>"$out/failures.txt"
+}
 chain() {  # setting seed: its teachers in parallel, then its students
-  local setting=$1 seed=$2 tasks="a b"
+  local setting=$1 seed=$2 tasks="a b" pids=() names=() i rc left
   [ "$setting" = S3 ] && tasks="a b c"
+  left=$((deadline - SECONDS))
   for task in $tasks; do
     # shellcheck disable=SC2086  # EXTRA_ARGS is a word list
-    timeout "$deadline" "$python" "$here/accuracy.py" "${common[@]}" --teachers-only --settings "$setting" \
-      --seeds "$seed" --tasks "$task" ${EXTRA_ARGS:-} >"$out/log-teacher-$setting-$seed-$task.txt" 2>&1 &
+    timeout "$((left > 1 ? left : 1))" "$python" "$here/accuracy.py" "${common[@]}" --teachers-only \
+      --settings "$setting" --seeds "$seed" --tasks "$task" ${EXTRA_ARGS:-} \
+      >"$out/log-teacher-$setting-$seed-$task.txt" 2>&1 &
+    pids+=($!) names+=("teacher $task")
   done
-  wait
-  local left=$((deadline - SECONDS)) lane=0 lanes lane_methods
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" && continue
+    rc=$?
+    # Its students would each train the missing teacher at once, racing on one file: they do not start.
+    failed "$setting seed $seed: ${names[$i]} exited $rc$([ $rc = 124 ] && echo ' (deadline)'); its students" \
+      "did not run (log-teacher-$setting-$seed-*.txt)"
+    return 1
+  done
+  local lane=0 lanes lane_methods extra="" m
+  left=$((deadline - SECONDS)) pids=() names=()
   IFS='|' read -ra lanes <<<"$methods"
   if [ -n "${BASELINE:-}" ] && [[ " ${BASELINE_SEEDS:-$seed} " == *" $seed "* ]]; then
-    lanes+=("$BASELINE")
+    for m in $BASELINE; do  # a baseline already in METHODS would run, and be logged, twice
+      [[ " ${methods//|/ } " == *" $m "* ]] || extra+="$m "
+    done
+    [ -n "$extra" ] && lanes+=("$extra")
   fi
   for lane_methods in "${lanes[@]}"; do
     lane=$((lane + 1))
@@ -60,8 +80,14 @@ chain() {  # setting seed: its teachers in parallel, then its students
     timeout "$((left > 1 ? left : 1))" "$python" "$here/accuracy.py" "${common[@]}" --settings "$setting" \
       --seeds "$seed" --methods $lane_methods ${EXTRA_ARGS:-} --out "/tmp/accuracy-$setting-$seed-$lane.json" \
       --runs-log "$out/runs.jsonl" >"$out/log-$setting-$seed-$lane.txt" 2>&1 &
+    pids+=($!) names+=("lane $lane ($lane_methods)")
   done
-  wait
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" && continue
+    rc=$?
+    failed "$setting seed $seed: ${names[$i]} exited $rc$([ $rc = 124 ] && echo ' (deadline)')" \
+      "(log-$setting-$seed-$((i + 1)).txt)"
+  done
 }
 for setting in ${SETTINGS:-S2 S3}; do
   for seed in ${SEEDS:-0 1 2}; do
@@ -70,9 +96,15 @@ for setting in ${SETTINGS:-S2 S3}; do
 done
 wait
 [ "${MPS:-0}" = 1 ] && echo quit | nvidia-cuda-mps-control 2>/dev/null
+status=0
 if [ -s "$out/runs.jsonl" ]; then
-  "$python" "$here/accuracy.py" --from-runs "$out/runs.jsonl" --out "$out/accuracy.json"
+  "$python" "$here/accuracy.py" --from-runs "$out/runs.jsonl" --out "$out/accuracy.json" || status=1
 else
   echo "no run finished within ${deadline} s: see $out/log-*.txt" >&2
-  exit 1
+  status=1
 fi
+if [ -s "$out/failures.txt" ]; then  # a partial grid is still summarised above, but does not pass as whole
+  cat "$out/failures.txt" >&2
+  status=1
+fi
+exit $status

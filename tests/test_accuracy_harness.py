@@ -65,6 +65,26 @@ def test_from_runs_writes_the_contract_from_json_lines(tmp_path):
     assert written["_meta"]["command"].endswith(f"--out {out}")
 
 
+def test_a_run_logged_twice_or_runs_of_two_schedules_are_refused_not_summarised(tmp_path):
+    lines = tmp_path / "runs.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in [*RUNS, RUNS[0]]))  # a second grid appended seed 0
+    with pytest.raises(ValueError, match="S2 amalgam seed 0 \\(x2\\)"):
+        accuracy.main(["--from-runs", str(lines), "--out", str(tmp_path / "a.json")])
+    six, twelve = ({"student_epochs": n, "teacher_epochs": 2} for n in (6, 12))
+    mixed = [RUNS[0] | {"schedule": six}, RUNS[1] | {"schedule": twelve}, RUNS[2]]  # RUNS[2]: logged without one
+    with pytest.raises(ValueError, match="S2: runs of different schedules"):
+        accuracy.check_runs(mixed)
+    accuracy.check_runs([RUNS[0] | {"schedule": six}, RUNS[1] | {"schedule": six}, RUNS[2]])
+
+
+def test_the_table_says_how_many_seeds_and_shows_no_spread_for_one():
+    table = accuracy.table(accuracy.summarize([*RUNS, run("S2", "cfl_paper", 0, 0.8, 0.8, 0.6, 0.91)]))
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    assert rows["method"][1] == "seeds"
+    assert rows["amalgam"][1] == "2" and rows["amalgam"][2] == "89.00 ± 1.41"
+    assert rows["cfl_paper"][1] == "1" and rows["cfl_paper"][2] == "80.00"
+
+
 def test_cross_task_errors_name_the_largest_pairs_across_tasks_from_the_runs_confusions():
     def with_confusion(r, shirts_as_tshirts):
         confusion = torch.eye(10, dtype=torch.long) * 100
@@ -180,6 +200,32 @@ def test_gpu_driver_trains_teachers_per_task_then_one_process_per_lane(tmp_path)
     assert "--seeds 1 " in baseline  # the baseline lane runs for the seeds in BASELINE_SEEDS only
     assert len((out / "runs.jsonl").read_text().splitlines()) == 5  # every lane appended its run
     assert any("--from-runs" in line for line in lines)
+
+
+def test_gpu_driver_reports_failed_processes_and_runs_a_baseline_once(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                    'case " $* " in *" $FAIL "*) echo Traceback; exit 1;; esac\nprev=\nfor a in "$@"; do\n'
+                    '  [ "$prev" = --runs-log ] && echo "$RUN" >> "$a"; prev=$a\ndone\n')
+    fake.chmod(0o755)
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "CALLS": str(calls), "RUN": json.dumps(RUNS[0]),
+           "SETTINGS": "S2", "SEEDS": "0 1", "METHODS": "amalgam|kd_slice", "BASELINE": "amalgam cfl_paper"}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_gpu.sh"
+    done = subprocess.run(["bash", str(script), str(out), "data", "60"], env=env | {"FAIL": "kd_slice"},
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.count("lane 2 (kd_slice) exited 1") == 2 and "(log-S2-0-2.txt)" in done.stderr
+    students = [line.split("--methods ")[1].split(" --out")[0] for line in calls.read_text().splitlines()
+                if "--methods" in line]
+    assert sorted(students) == ["amalgam", "amalgam", "cfl_paper", "cfl_paper", "kd_slice", "kd_slice"]
+    # A teacher that fails stops its chain: no student would find it, and every lane would train it at once.
+    calls.unlink()
+    done = subprocess.run(["bash", str(script), str(out), "data", "60"], env=env | {"FAIL": "b", "SEEDS": "0"},
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "S2 seed 0: teacher b exited 1; its students did not run" in done.stderr
+    assert "kd_slice" not in done.stderr  # the earlier grid's failures are not reported again
+    assert not [line for line in calls.read_text().splitlines() if "--methods" in line]
 
 
 def test_reborn_students_learn_from_a_first_generation_trained_and_exported_once(tmp_path):
