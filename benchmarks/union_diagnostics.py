@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=list(accuracy.SETTINGS), default="S3")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="amalgam+selflabel", choices=accuracy.METHODS + list(accuracy.ABLATIONS))
+    p.add_argument("--method", default="amalgam+selflabel",
+                   choices=accuracy.METHODS + accuracy.PRESET_METHODS + list(accuracy.ABLATIONS))
     p.add_argument("--preset", choices=list(accuracy.PRESETS), default="cpu")
     p.add_argument("--student-epochs", type=int, default=6, help="override the preset (default 6)")
     p.add_argument("--pool", type=int, default=20000, help="unlabeled training images for the probe and centres")
