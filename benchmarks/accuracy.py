@@ -314,7 +314,9 @@ def first_generation(setting: str, seed: int, preset: dict, work: Path, teachers
     Cached under ``work`` by a digest of everything that shapes it."""
     shape = {k: preset.get(k) for k in ("student", "student_epochs", "train_limit", "batch_size", "loss_weights",
                                         "module_args", "channels_last")}
-    digest = hashlib.sha1(json.dumps([shape, teachers], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    # The method's own arguments too: an edited preset must not reuse a student of the old one.
+    digest = hashlib.sha1(json.dumps([shape, teachers, method_args(method)], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:10]
     out = work / f"{setting}-seed{seed}-{method.replace('+', '_')}-student-{digest}"
     if (out / "config.json").exists():
         return out
