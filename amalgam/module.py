@@ -39,6 +39,7 @@ from amalgam.losses import (
 from amalgam.teacher import Teacher, TeacherConfig
 from amalgam.teacher_cache import TeacherCache
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The authors' code: L_KD + 10 (L_M + L_R). The union-prior terms (balance, entropy), self-labelling, view
 # contrast, neighbour consistency, born-again imitation and the BatchNorm task gate are ours, off by default.
@@ -108,6 +109,8 @@ class AmalgamationModule(L.LightningModule):
         compile: ``torch.compile`` the student, blocks and teachers (in place, state-dict keys unchanged).
             Raises ``torch._dynamo.config.recompile_limit`` to four per network, since all networks share one
             forward's code and dynamo counts recompiles per code object.
+        compile_mode: ``torch.compile``'s mode for those networks: ``"reduce-overhead"`` replays each one's
+            kernels as CUDA graphs, for small images whose steps are bound by kernel launches, not arithmetic.
         channels_last: run convolutions in channels-last memory format (faster on GPUs; on CPU the 28 px
             demo's step was 1.15x faster, benchmarks/RESULTS.md).
         evaluate_teachers: also report each teacher's accuracy and their concatenated union accuracy.
@@ -169,6 +172,7 @@ class AmalgamationModule(L.LightningModule):
         step_epochs: int = 15,
         step_gamma: float = 0.1,
         compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         channels_last: bool = False,
         evaluate_teachers: bool = True,
         nan_check_every_n_steps: int = 1,
@@ -232,6 +236,8 @@ class AmalgamationModule(L.LightningModule):
             PAPER_BANDWIDTHS if mmd_bandwidths is None else mmd_bandwidths))
         self.recon_loss = ReconstructionLoss()
         self.union_prior = UnionPrior()
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         if mixup_alpha < 0:
             raise ValueError(f"model.mixup_alpha must be >= 0 (0 turns mixup off), got {mixup_alpha}")
         if selflabel_target not in ("class", "task"):
@@ -352,10 +358,11 @@ class AmalgamationModule(L.LightningModule):
             # the default limit (8); a fourth teacher would have run eagerly.
             networks = 1 + len(self._teachers)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * networks)
-            self.student.compile()
-            self.blocks.compile()
+            mode = self.hparams.compile_mode
+            self.student.compile(mode=mode)
+            self.blocks.compile(mode=mode)
             for teacher in self._teachers:
-                teacher.net.compile()
+                teacher.net.compile(mode=mode)
 
     def forward(self, images: Tensor) -> Tensor:
         """Union logits of the student for float [0,1] images."""

@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="amalgam under bf16-mixed autocast")
     p.add_argument("--bf16-teachers", action="store_true", help="amalgam with teacher_dtype='bfloat16'")
     p.add_argument("--compile", action="store_true", help="amalgam with compile=True (student, blocks, teachers)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--channels-last", action="store_true", help="amalgam with channels_last=True")
     p.add_argument("--without", nargs="+", default=[], choices=["small-map-conv", "fused-adam"],
                    help="ablation: turn off one of amalgam's speed-ups (SmallMapConv2d on tiny maps, fused Adam)")
@@ -87,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def module_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {"compile": args.compile, "channels_last": args.channels_last,
+    return {"compile": args.compile, "compile_mode": args.compile_mode, "channels_last": args.channels_last,
             "nan_check_every_n_steps": args.nan_check_every, "evaluate_teachers": False,
             "teacher_dtype": "bfloat16" if args.bf16_teachers else "float32"}
 
@@ -229,7 +232,8 @@ def measure(args: argparse.Namespace, case: str, batch: int) -> dict[str, Any]:
            "ref_ms_all": [round(t, 1) for t in alternate.ref_ms],
            "amalgam_ms_all": [round(t, 1) for t in alternate.amalgam_ms],
            "max_rel_diff_fp32": rel, "steps": len(alternate.amalgam_ms) * args.block,
-           "bf16": args.bf16, "bf16_teachers": args.bf16_teachers, "compile": args.compile, "channels_last": args.channels_last,
+           "bf16": args.bf16, "bf16_teachers": args.bf16_teachers, "compile": args.compile,
+           "compile_mode": args.compile_mode, "channels_last": args.channels_last,
            "without": args.without, "threads": torch.get_num_threads()}
     if args.device.type == "cuda":
         row |= {"peak_mem_gib": round(alternate.amalgam_peak, 3), "ref_peak_mem_gib": round(alternate.ref_peak, 3),

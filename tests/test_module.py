@@ -346,6 +346,24 @@ def test_class_path_student_trains_with_its_last_linear_as_the_head(tmp_path, im
     assert groups["head"]["initial_lr"] == 0.01 and groups["student"]["initial_lr"] == cli.model.hparams.lr
 
 
+def test_compile_mode_reaches_every_compiled_network(monkeypatch):
+    modes = []
+    eager = functools.partial(torch.compile, backend="eager")
+
+    def recording_compile(fn, **kwargs):
+        modes.append(kwargs.pop("mode", None))
+        return eager(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model = AmalgamationModule([teacher("a", "resnet"), teacher("b", "vit")], student(), block_width=8,
+                               block_depth=1, compile=True, compile_mode="reduce-overhead")
+    model.configure_model()
+    assert modes == ["reduce-overhead"] * 4  # student, blocks, two teachers
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="model.compile_mode must be one of"):
+        AmalgamationModule([teacher("a", "resnet")], student(), compile=True, compile_mode="fast")
+
+
 def test_compiled_module_with_four_teacher_families_stays_under_dynamo_recompile_limit(tmp_path, image_tree,
                                                                                         monkeypatch):
     """Every network shares TappedNetwork.forward's code, which dynamo caches per code object: with four
