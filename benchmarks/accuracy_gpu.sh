@@ -20,7 +20,7 @@
 # after summarising what finished; a chain whose teacher failed runs no students.
 # MPS=1 starts CUDA's Multi-Process Service first, so that the processes' small kernels run side by side instead
 # of taking turns on the GPU; if the daemon does not start or a CUDA context fails under it, the grid runs
-# without it (the log says which).
+# without it (the log says which). A daemon already running is used and left running.
 set -u
 out=${1:?usage: accuracy_gpu.sh OUT_DIR [DATA_ROOT] [DEADLINE_S]}
 root=${2:-/usr/share/datasets/fashion-mnist}
@@ -35,8 +35,13 @@ rm -f "$out/failures.txt"  # from an earlier grid into the same folder
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 
 common=(--preset gpu --data-root "$root" --work "$work")
+mps_ours=0  # a daemon this script started, and so stops; one already running (started by a caller) stays
 if [ "${MPS:-0}" = 1 ]; then
-  if nvidia-cuda-mps-control -d && timeout 60 "$python" -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+  if pgrep -x nvidia-cuda-mps-control >/dev/null; then
+    echo "[accuracy_gpu] MPS already on"
+  elif nvidia-cuda-mps-control -d && timeout 60 "$python" -c "import torch; torch.ones(1, device='cuda').sum().item()"
+  then
+    mps_ours=1
     echo "[accuracy_gpu] MPS on"
   else
     echo quit | nvidia-cuda-mps-control 2>/dev/null
@@ -95,7 +100,7 @@ for setting in ${SETTINGS:-S2 S3}; do
   done
 done
 wait
-[ "${MPS:-0}" = 1 ] && echo quit | nvidia-cuda-mps-control 2>/dev/null
+[ $mps_ours = 1 ] && echo quit | nvidia-cuda-mps-control 2>/dev/null
 status=0
 if [ -s "$out/runs.jsonl" ]; then
   "$python" "$here/accuracy.py" --from-runs "$out/runs.jsonl" --out "$out/accuracy.json" || status=1
