@@ -1,6 +1,6 @@
 """Accuracy of amalgamated students against the paper's baselines, on real Fashion-MNIST.
 
-    python benchmarks/accuracy.py                      # CPU preset: slim models, short schedule (1 h 45 min on 2 cores)
+    python benchmarks/accuracy.py                      # CPU preset: slim models, short schedule, a process per core
     python benchmarks/accuracy.py --preset gpu         # the full schedule (resnet18 student, 30 epochs)
     python benchmarks/accuracy.py --preset cpu_bn      # the CPU preset with BatchNorm teachers only
     python benchmarks/accuracy.py --settings S2 --seeds 0 --methods kd_slice amalgam   # a slice of the grid
@@ -30,8 +30,11 @@ import hashlib
 import json
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -184,7 +187,7 @@ def train_teacher(setting: str, task: str, family: dict, seed: int, preset: dict
     t = trainer(preset["teacher_epochs"], work)
     t.fit(model, datamodule=data)
     partial = path.with_suffix(".partial")  # a process stopped mid-write leaves no file that looks finished
-    t.save_checkpoint(partial)
+    t.save_checkpoint(partial, weights_only=False)
     partial.rename(path)
     return path
 
@@ -322,7 +325,7 @@ def first_generation(setting: str, seed: int, preset: dict, work: Path, teachers
         return out
     _, t, _ = fit_student(method, setting, seed, preset, work, teachers)
     ckpt = out.with_suffix(".ckpt")
-    t.save_checkpoint(ckpt)
+    t.save_checkpoint(ckpt, weights_only=False)
     export_student(ckpt, out.with_suffix(".partial"))  # a process stopped mid-write leaves no finished-looking dir
     out.with_suffix(".partial").rename(out)
     ckpt.unlink()
@@ -504,22 +507,32 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--paired", metavar="METHOD",
                    help="also print every other method minus METHOD per seed (same setting and seed: same teachers "
                         "and batches), the way to compare two methods when the teachers vary between seeds")
+    p.add_argument("--jobs", type=int,
+                   help="processes at once, each running one (setting, seed) of the grid; default: one per CPU core "
+                        "on the CPU presets (one thread each, so runs are deterministic), one on the GPU preset")
+    p.add_argument("--logged-command", help=argparse.SUPPRESS)  # a --jobs worker logs its parent's command
     args = p.parse_args(argv)
-    command = " ".join(["python benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+    command = args.logged_command or " ".join(["python benchmarks/accuracy.py",
+                                               *(argv if argv is not None else sys.argv[1:])])
     start = time.perf_counter()
     if args.teachers_only:
         train_teachers(args)
         return {}
     if args.from_runs:
         runs = [json.loads(line) for f in args.from_runs for line in Path(f).read_text().splitlines() if line]
+        failed = []
         meta = {k: runs[0].get(k) for k in ("preset", "device", "torch")}
         meta["seeds"] = sorted({r["seed"] for r in runs})
         meta["seconds"] = round(sum(r["seconds"] for r in runs))  # summed over runs, not wall time
     else:
-        runs = run_grid(args, command)
+        units = [(setting, seed) for setting in args.settings for seed in args.seeds]
+        jobs = min(args.jobs or (1 if args.preset == "gpu" else os.cpu_count() or 1), len(units))
+        runs, failed = run_parallel(args, command, units, jobs) if jobs > 1 else (run_grid(args, command), [])
         meta = {k: runs[0][k] for k in ("preset", "device", "torch")} if runs else {}
         meta["seeds"] = args.seeds
         meta["seconds"] = round(time.perf_counter() - start)
+        if failed and not runs:
+            raise SystemExit("\n".join(failed))
     check_runs(runs)
     results = summarize(runs)
     results["_meta"] = {**meta, "command": command}
@@ -532,6 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.paired:
         print(paired_table(runs, args.paired))
     print(f"\nwrote {out} ({results['_meta']['seconds']} s of runs)")
+    if failed:  # what finished is summarised above; the failures end the command with an error
+        raise SystemExit("\n".join(failed))
     return results
 
 
@@ -588,6 +603,68 @@ def run_grid(args: argparse.Namespace, command: str = "") -> list[dict]:
                     with open(args.runs_log, "a") as f:  # one short append per line: safe across processes
                         f.write(json.dumps(r) + "\n")
     return runs
+
+
+def worker_args(args: argparse.Namespace, setting: str, seed: int, runs_log: Path, command: str) -> list[str]:
+    """The command line of a --jobs worker: this grid's options for one setting and seed, in one process."""
+    argv = ["--preset", args.preset, "--settings", setting, "--seeds", str(seed), "--methods", *args.methods,
+            "--data-root", args.data_root, "--work", args.work, "--jobs", "1", "--runs-log", str(runs_log),
+            "--out", str(runs_log.with_suffix(".json")), "--logged-command", command]
+    for key in ("student_epochs", "teacher_epochs", "train_limit", "teacher_train_limit"):
+        if getattr(args, key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    for key in ("student", "loss_weights", "module_args"):
+        if getattr(args, key):
+            argv += [f"--{key.replace('_', '-')}", yaml.safe_dump(getattr(args, key), default_flow_style=True)]
+    return argv
+
+
+def run_parallel(args: argparse.Namespace, command: str, units: list[tuple[str, int]],
+                 jobs: int) -> tuple[list[dict], list[str]]:
+    """Runs each (setting, seed) of the grid in its own process, `jobs` at a time, and collects their runs.
+
+    A (setting, seed) is the natural unit: its methods share teachers and batches, and no two units write the
+    same cached file. Each process gets an equal share of the cores; its output goes to a log under --work, and
+    its [accuracy] lines are echoed here. Returns the finished runs and a line per failed unit."""
+    logs = Path(args.work) / args.preset / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    print(f"[accuracy] {len(units)} (setting, seed) units, {jobs} processes at once, {env['OMP_NUM_THREADS']} "
+          f"thread(s) each; logs in {logs}", flush=True)
+    lock, runs, failed, done = threading.Lock(), [], [], [0]
+
+    def unit(setting: str, seed: int) -> None:
+        name = f"{setting}-seed{seed}"
+        runs_log, log = logs / f"{name}.jsonl", logs / f"{name}.log"
+        argv = [sys.executable, str(Path(__file__).resolve()), *worker_args(args, setting, seed, runs_log, command)]
+        with open(log, "w") as f, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                   text=True, env=env) as proc:
+            for line in proc.stdout:
+                f.write(line)
+                if line.startswith("[accuracy]"):
+                    print(f"[{setting} seed {seed}] {line}", end="", flush=True)
+        finished = [json.loads(line) for line in runs_log.read_text().splitlines()] if runs_log.exists() else []
+        with lock:
+            runs.extend(finished)
+            if args.runs_log and finished:
+                with open(args.runs_log, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in finished)
+            done[0] += 1
+            if proc.returncode:
+                failed.append(f"[accuracy] {setting} seed {seed} failed (exit {proc.returncode}) after "
+                              f"{len(finished)} of {len(args.methods)} methods; its log: {log}")
+            print(f"[accuracy] {setting} seed {seed}: {'failed' if proc.returncode else 'done'} "
+                  f"({done[0]}/{len(units)} units)", flush=True)
+
+    # Three-task units take longest: start them first, so no process is left alone with one at the end.
+    order = sorted(units, key=lambda u: -len(SETTINGS[u[0]]))
+    with ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(unit, *u) for u in order]:
+            future.result()
+    # The grid's order, not the order the units finished in.
+    runs.sort(key=lambda r: (units.index((r["setting"], r["seed"])), args.methods.index(r["method"].split(" ")[0])))
+    return runs, failed
 
 
 if __name__ == "__main__":

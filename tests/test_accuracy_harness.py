@@ -152,6 +152,49 @@ def test_teachers_only_trains_the_named_tasks_once_and_stops(tmp_path, capsys):
     assert capsys.readouterr().out.count(f"teacher b: {ckpt}") == 2
 
 
+TINY = ["--teacher-epochs", "1", "--teacher-train-limit", "128", "--student-epochs", "1", "--train-limit", "128"]
+
+
+def test_jobs_run_each_setting_and_seed_in_its_own_process_with_the_results_of_one_process(tmp_path, capsys):
+    runs_log = tmp_path / "runs.jsonl"
+    grid = ["--settings", "S2", "--seeds", "0", "1", "--methods", "kd_slice", *TINY, "--work", str(tmp_path)]
+    results = accuracy.main([*grid, "--jobs", "2", "--out", str(tmp_path / "a.json"), "--runs-log", str(runs_log)])
+    out = capsys.readouterr().out
+    assert "2 (setting, seed) units, 2 processes at once" in out and "[S2 seed 1] [accuracy] S2 seed 1 kd_slice" in out
+    logged = [json.loads(line) for line in runs_log.read_text().splitlines()]
+    # Appended as each process ends, in whichever order they end.
+    assert sorted((r["setting"], r["seed"], r["method"]) for r in logged) == [("S2", 0, "kd_slice"), ("S2", 1, "kd_slice")]
+    # Every line records the command that was typed, not a worker's.
+    assert {r["command"] for r in logged} == {"python benchmarks/accuracy.py " + " ".join(
+        [*grid, "--jobs", "2", "--out", str(tmp_path / "a.json"), "--runs-log", str(runs_log)])}
+    assert results["S2"]["kd_slice"]["seeds"] == 2 and len(list((tmp_path / "cpu" / "logs").glob("*/*.log"))) == 2
+    # A worker has one thread, like this process here: same teachers (cached), same batches, same numbers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = accuracy.main(["--settings", "S2", "--seeds", "0", "--methods", "kd_slice", *TINY,
+                               "--work", str(tmp_path), "--jobs", "1", "--out", str(tmp_path / "b.json"),
+                               "--runs-log", str(tmp_path / "alone.jsonl")])
+    finally:
+        torch.set_num_threads(threads)
+    (seed0,) = [r for r in logged if r["seed"] == 0]
+    (one,) = [json.loads(line) for line in (tmp_path / "alone.jsonl").read_text().splitlines()]
+    assert one["tasks"] == seed0["tasks"] and one["acc_union"] == seed0["acc_union"]
+    assert alone["S2"]["kd_slice"]["seeds"] == 1
+
+
+def test_a_failed_worker_is_named_with_its_log_and_fails_the_command(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        accuracy.main(["--settings", "S2", "--seeds", "0", "1", "--methods", "kd_slice", *TINY, "--jobs", "2",
+                       "--data-root", str(tmp_path / "no-such-folder"), "--work", str(tmp_path),
+                       "--out", str(tmp_path / "a.json")])
+    message = str(stop.value)
+    assert "S2 seed 0 failed (exit 1) after 0 of 1 methods" in message and "S2 seed 1 failed" in message
+    log = Path(message.split("its log: ")[1].splitlines()[0])
+    assert "no-such-folder" in log.read_text()  # the worker's own error, kept
+    assert not (tmp_path / "a.json").exists()
+
+
 def test_module_args_reach_every_student_over_the_preset():
     preset = accuracy.PRESETS["cpu"]
     teachers = [{"task": task, "classes": [f"{task}{i}" for i in range(len(ids))], "taps": ["pooled"], **family}
