@@ -12,8 +12,12 @@ export WANDB_MODE ?= offline
 setup: $(VENV)/.installed $(FASHION)
 
 $(VENV)/.installed: pyproject.toml
-	@# Debian/Ubuntu ship venv's pip bootstrap (ensurepip) in a package of its own.
-	$(PYTHON) -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
+	@$(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 11))" || { echo "amalgam needs Python >= 3.11 and \
+	$(PYTHON) is $$($(PYTHON) --version 2>&1): install a newer one and name it, e.g. make PYTHON=python3.11 \
+	$(or $(MAKECMDGOALS),setup)" >&2; exit 1; }
+	@# Debian/Ubuntu ship venv's pip bootstrap (ensurepip) in a package of its own (python3.X-venv).
+	$(PYTHON) -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq \
+	python$$($(PYTHON) -c 'import sys; print(*sys.version_info[:2], sep=".")')-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

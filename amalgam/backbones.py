@@ -22,6 +22,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from amalgam.checkpointing import refusal_reason
+
 Tap = str | int
 POOLED = "pooled"
 
@@ -189,7 +191,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     except pickle.UnpicklingError as err:  # what weights_only raises for anything but tensors and containers
         raise ValueError(
             f"Refused to load {str(path)!r}: it is not a plain tensor checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Loading it would mean running pickled code. "
+            f"{refusal_reason(err)}). Loading it would mean running pickled code. "
             f"Re-save its state_dict with safetensors (safetensors.torch.save_file) or as plain tensors."
         ) from err
     except Exception as err:

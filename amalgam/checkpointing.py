@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -84,16 +85,20 @@ class UnreadableCheckpointError(ValueError):
             f"file intact: use that one.")
 
 
+def refusal_reason(err: BaseException) -> str:
+    """The telling line of ``torch.load(weights_only=True)``'s refusal: the one naming the blocked global
+    ("posix.system"), not its long generic preamble; terminal colour codes removed."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0] if lines else "")
+
+
 class RefusedCheckpointError(ValueError):
     """A checkpoint that ``torch.load(weights_only=True)`` will not read: it needs pickled code."""
 
     def __init__(self, path: str | Path, err: BaseException) -> None:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        # torch's own message is long; its most telling line names the blocked global ("posix.system").
-        reason = next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0] if lines else "")
         super().__init__(
             f"Refused to load checkpoint {str(path)!r}: it is not a plain tensor checkpoint "
-            f"({type(err).__name__}: {reason}). Loading it would mean running pickled code; amalgam's own "
+            f"({type(err).__name__}: {refusal_reason(err)}). Loading it would mean running pickled code; amalgam's own "
             f"checkpoints never need that. If you wrote this file yourself and trust it, fit/validate/test/predict "
             f"load it with --weights_only false.")
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
@@ -28,11 +31,28 @@ class AmalgamCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyper-parameters first (with weights_only=True): name a refused file.
         try:
-            super()._parse_ckpt_path()
+            if self.config.get("subcommand") and self.config[self.config.subcommand].get("weights_only") is False:
+                self._parse_trusted_ckpt_path()
+            else:
+                super()._parse_ckpt_path()
         except pickle.UnpicklingError as err:
             raise RefusedCheckpointError(self.config[self.config.subcommand].get("ckpt_path"), err) from err
         except Exception as err:  # torch.load's: a config that does not parse exits (SystemExit) instead
             raise UnreadableCheckpointError(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+
+    def _parse_trusted_ckpt_path(self) -> None:
+        """LightningCLI's ``_parse_ckpt_path`` for ``--weights_only false``: it always reads with
+        ``weights_only=True``, which would refuse the very file the user chose to trust."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=False, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A rich progress bar unless the config chose another bar or none: long runs should show progress.

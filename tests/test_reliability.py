@@ -6,6 +6,7 @@ runs) and checks what the user reads: the message, and no traceback.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -336,7 +337,7 @@ def test_malicious_pickles_are_refused_everywhere_and_never_run(tmp_path, image_
     torch.save({"state_dict": {}, "hyper_parameters": {"student": {}, "teachers": []}, "x": Payload(marker)},
                evil_ckpt)
 
-    with pytest.raises(ValueError, match="Refused to load .*teacher.pth.*running pickled code"):
+    with pytest.raises(ValueError, match="Refused to load .*teacher.pth.*posix.system.*running pickled code"):
         read_state_dict(evil_weights)
 
     # As a teacher checkpoint in a config, as --ckpt_path to resume from, as the checkpoint to export:
@@ -351,6 +352,23 @@ def test_malicious_pickles_are_refused_everywhere_and_never_run(tmp_path, image_
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         AmalgamationModule.load_from_checkpoint(evil_ckpt)
     assert not marker.exists(), "a planted pickle ran"
+
+
+def test_weights_only_false_resumes_from_a_trusted_checkpoint_that_holds_objects(tmp_path, image_tree, capsys):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student(),
+                         trainer={"max_steps": 1, "limit_val_batches": 0, "enable_checkpointing": True,
+                                  "callbacks": [_every_step_checkpoint(tmp_path / "ckpt")]})
+    assert run_entry(["fit", "--config", str(cfg)], capsys)[0] == 0
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    ckpt["notes"] = argparse.Namespace(owner="me")  # a plain object: weights_only=True will not read it
+    trusted = tmp_path / "trusted.ckpt"
+    torch.save(ckpt, trusted)
+    more = ["--trainer.max_steps", "2", "--ckpt_path", str(trusted)]
+    code, err = run_entry(["fit", "--config", str(cfg), *more], capsys)
+    assert code == 1 and "Refused to load checkpoint" in err and "--weights_only false" in err
+    code, err = run_entry(["fit", "--config", str(cfg), *more, "--weights_only", "false"], capsys)
+    assert code == 0, err
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
 def test_truncated_checkpoints_are_named_as_broken_not_as_code(tmp_path, image_tree, capsys):
