@@ -311,7 +311,7 @@ class SmallMapConv2d(nn.Conv2d):
         matrix = (self.weight.flatten(2) @ select).view(c_out, c_in, -1, h * w).transpose(1, 2)
         matrix = matrix.reshape(-1, c_in * h * w)  # [C_out * P_out, C_in * P_in]
         bias = None if self.bias is None else self.bias.repeat_interleave(out_size[0] * out_size[1])
-        return nn.functional.linear(x.reshape(x.shape[0], -1), matrix, bias).view(x.shape[0], c_out, *out_size)
+        return nn.functional.linear(x.flatten(1), matrix, bias).view(x.shape[0], c_out, *out_size)
 
     def _selection(self, h: int, w: int, like: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """``[taps, P_out * P_in]``: 1 where the kernel tap joins the (output pixel, input pixel) pair."""

@@ -254,6 +254,7 @@ class AmalgamationModule(L.LightningModule):
             raise ValueError("loss_weights.union_kd imitates an earlier student's union predictions: set "
                              "model.union_teacher to a directory written by `python -m amalgam export`")
         self.union_kd_loss = SoftTargetKD("concat", temperature)
+        self._skipped_steps = 0  # training steps of this epoch with < 2 images
         # Built only when used: its bank is checkpointed state.
         untapped = [t.task for t in self._teachers if not t.net.tapper.taps]
         if weights["neighbour"] and untapped:
@@ -496,6 +497,16 @@ class AmalgamationModule(L.LightningModule):
     def combine_losses(self, terms: dict[str, Tensor]) -> Tensor:
         return sum((1.0 if name in UNWEIGHTED else self.loss_weights[name]) * value for name, value in terms.items())
 
+    def on_train_epoch_start(self) -> None:
+        self._skipped_steps = 0
+
+    def on_train_epoch_end(self) -> None:
+        # An epoch of skipped steps (a folder with one readable image, say) must not pass for training.
+        if self._skipped_steps and self._skipped_steps == self.trainer.num_training_batches:
+            raise ValueError(f"no training step ran in epoch {self.current_epoch}: each of its "
+                             f"{self._skipped_steps} batch(es) had fewer than 2 readable images. Add images to "
+                             f"the training folder or fix the unreadable ones (logged as data/skipped).")
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # A training batch's crop/flip and dropout draw from a seed fixed by (seed, epoch, batch): a run
         # resumed mid-epoch replays them exactly (amalgam.checkpointing, amalgam.callbacks.ExactResume).
@@ -514,6 +525,7 @@ class AmalgamationModule(L.LightningModule):
             # (the union prior's batch mean, the gradients). Only folders of files can lose images.
             too_few = self.trainer.strategy.reduce_boolean_decision(too_few, all=False)
         if too_few:
+            self._skipped_steps += 1
             if not ddp:
                 return None
             # DDP's gradient all-reduce still runs: a zero loss through every trainable parameter joins it.
@@ -565,6 +577,10 @@ class AmalgamationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if stage == "fit" and getattr(datamodule, "batch_size", 2) < 2:
+            # Every step would be skipped (see training_step): the run would end with the student untouched.
+            raise ValueError(f"data.batch_size is {datamodule.batch_size}: amalgamation needs at least 2 images "
+                             f"per step (the union prior, BatchNorm and MMD average over the batch); set it >= 2.")
         self.eval_tasks = list(self.task_names)
         task_classes = getattr(datamodule, "task_classes", None)
         if not task_classes:
@@ -582,6 +598,8 @@ class AmalgamationModule(L.LightningModule):
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> None:
         images, labels = batch
+        if not len(images):  # every file of the batch was unreadable (see data/skipped): nothing to score
+            return
         task = self.eval_tasks[dataloader_idx]
         t = self.task_names.index(task)
         a, b = self.slices[t]

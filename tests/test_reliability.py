@@ -103,6 +103,48 @@ def test_a_batch_of_one_image_skips_the_step_and_under_ddp_every_process_skips_i
     assert decisions == [(True, False), (False, False)]
 
 
+def test_a_batch_size_of_one_or_an_epoch_of_skipped_steps_is_an_error_not_a_silent_no_op(tmp_path, image_tree,
+                                                                                          capsys):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student(), trainer={"max_epochs": 1})
+    code, err = run_entry(["fit", "--config", str(cfg), "--data.batch_size", "1"], capsys)
+    assert code == 1 and "data.batch_size is 1" in err and "set it >= 2" in err and "Traceback" not in err
+    # One readable image in the folder: every batch has fewer than 2, so no step trains.
+    folder = tmp_path / "one"
+    write_png(folder / "only.png", np.random.default_rng(0), (40, 40))
+    (folder / "broken.png").write_text("not an image")
+    cfg = amalgam_config(tmp_path, {**image_tree, "train": str(folder)}, [teacher("a", "resnet")], student(),
+                         trainer={"max_epochs": 1, "limit_val_batches": 0})
+    code, err = run_entry(["fit", "--config", str(cfg)], capsys)
+    assert code == 1 and "no training step ran in epoch 0" in err and "fewer than 2 readable images" in err
+
+
+def test_an_evaluation_or_predict_batch_of_unreadable_files_only_is_passed_over(tmp_path, image_tree):
+    folders = {}
+    for task, eval_dir in image_tree["eval"].items():  # every class folder gains an unreadable file
+        folders[task] = tmp_path / "eval" / task
+        for png in Path(eval_dir).rglob("*.png"):
+            (folders[task] / png.relative_to(eval_dir)).parent.mkdir(parents=True, exist_ok=True)
+            (folders[task] / png.relative_to(eval_dir)).write_bytes(png.read_bytes())
+        for name in os.listdir(eval_dir):
+            (folders[task] / name / "zz_broken.png").write_text("not an image")
+    cfg = amalgam_config(tmp_path, {**image_tree, "eval": {k: str(v) for k, v in folders.items()}},
+                         [teacher("a", "resnet"), teacher("b", "vit")], student(), trainer={"max_epochs": 1})
+    cli = main(["validate", "--config", str(cfg), "--data.eval_batch_size", "1",
+                "--data.predict_dir", str(folders["a"])])
+    # The broken files are batches of their own at batch size 1: the accuracy counts the readable images.
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.datamodule.skipped_total > 0 and 0.0 <= metrics["val/acc_union"] <= 1.0
+    predictions = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    assert sum(len(p["union_top"]) for p in predictions) == len(list(Path(folders["a"]).rglob("[0-9].png")))
+    assert any(len(p["union_top"]) == 0 for p in predictions)
+
+
+def test_small_map_convolutions_take_an_empty_batch():
+    net = TappedNetwork(TINY["student"]["arch"], 3, ["pooled"], input_size=32,
+                        model_kwargs=TINY["student"]["model_kwargs"])
+    assert net(torch.rand(0, 3, 32, 32)).logits.shape == (0, 3)
+
+
 def test_an_endless_run_with_a_decaying_schedule_says_what_to_set(tmp_path, image_tree, capsys):
     cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student(), trainer={"max_epochs": -1})
     code, err = run_entry(["fit", "--config", str(cfg)], capsys)
