@@ -160,9 +160,11 @@ def tap_shapes(model: nn.Module, taps: Sequence[Tap], input_size: int, owner: st
         with torch.no_grad():
             weight = next(model.parameters())
             feats = tapper(torch.zeros(2, 3, input_size, input_size, device=weight.device, dtype=weight.dtype))
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError) as err:  # timm's patch embeddings assert their image size
+        hint = ("Give it the input_size it was built for, or build it for this one (model_kwargs: img_size)"
+                if isinstance(err, AssertionError) else "Set a larger input_size for it")
         raise ValueError(f"{owner}: the model does not run on {input_size}x{input_size} inputs ({err}). "
-                         f"Set a larger input_size for it.") from err
+                         f"{hint}.") from err
     finally:
         model.train(was_training)
     return [tuple(f.shape[1:]) for f in feats.taps]
@@ -179,7 +181,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist. Check the path in your config.")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):
         from safetensors.torch import load_file
 
         try:
@@ -209,6 +211,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return obj
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file under another name (a hub cache blob has none): an 8-byte little-endian header
+    length, then the JSON header's ``{``. PyTorch's zip files start with ``PK``, its legacy pickles with 0x80."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def saved_hyperparameters(path: str | Path) -> dict[str, Any]:
     """A Lightning ``.ckpt``'s ``hyper_parameters`` ({} for other files or none), its tensors left unread."""
     path = Path(path)
@@ -222,8 +232,14 @@ def saved_hyperparameters(path: str | Path) -> dict[str, Any]:
     return dict(saved) if isinstance(saved, dict) else {}
 
 
-def strip_prefix(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
-    """Drop a wrapper prefix (``model.``, ``net.model.``, ``module.``...) so keys meet the model's own keys."""
+def strip_prefix(state: dict[str, Tensor], expected: set[str], prefix: str | None = None) -> dict[str, Tensor]:
+    """Drop a wrapper prefix (``model.``, ``net.model.``, ``module.``...) so keys meet the model's own keys:
+    ``prefix`` when given, else the one under which most of the model's keys are found."""
+    if prefix:
+        if not any(k.startswith(prefix) for k in state):
+            found = sorted({k.rsplit(".", 1)[0].split(".")[0] + "." for k in state})[:8]
+            raise ValueError(f"no key of the checkpoint starts with {prefix!r}; its keys start with {found}")
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if expected & state.keys():
         return state
     votes: dict[str, int] = {}
@@ -233,14 +249,27 @@ def strip_prefix(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tens
                 votes[key[: i + 1]] = votes.get(key[: i + 1], 0) + 1
     if not votes:
         return state
-    prefix = max(votes, key=votes.__getitem__)
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    best = max(votes.values())
+    tied = sorted(p for p, n in votes.items() if n == best)
+    if len(tied) > 1:  # e.g. a model and its EMA copy, or a teacher and a student of one architecture
+        raise ValueError(f"the checkpoint holds the model's weights under several prefixes {tied}: name the "
+                         f"one to load with checkpoint_prefix (e.g. checkpoint_prefix: {tied[0]!r}).")
+    return {k[len(tied[0]):]: v for k, v in state.items() if k.startswith(tied[0])}
 
 
-def load_weights(model: nn.Module, path: str | Path, owner: str, num_classes: int | None = None) -> None:
-    """Load a local checkpoint into ``model`` strictly, with errors that name the owner and the keys."""
+def load_weights(model: nn.Module, path: str | Path, owner: str, num_classes: int | None = None,
+                 prefix: str | None = None) -> None:
+    """Load a local checkpoint into ``model`` strictly, with errors that name the owner and the keys.
+    ``prefix``: the wrapper prefix of the keys to load (default: found from the model's own key names)."""
     own = model.state_dict()
-    state = strip_prefix(read_state_dict(path), set(own))
+    try:
+        state = strip_prefix(read_state_dict(path), set(own), prefix)
+    except (FileNotFoundError, ValueError) as err:
+        where = "" if str(path) in str(err) else f" (checkpoint {str(path)!r})"
+        raise type(err)(f"{owner}: {err}{where}") from err
+    for key in set(own) - set(state):
+        if key.endswith(".num_batches_tracked"):  # older and converted files lack it; eval-mode BN never reads it
+            state[key] = own[key]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if not (set(own) & set(state)):

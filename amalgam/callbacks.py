@@ -119,7 +119,8 @@ class PredictionWriter(BasePredictionWriter):
         self.union = [(task, name) for task in pl_module.task_names for name in self.classes[task]]
         path = self.path_for_rank(trainer.global_rank)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w", newline="", encoding="utf-8")
+        # A file name that is not valid UTF-8 is written back as its own bytes, not refused mid-run.
+        self._file = path.open("w", newline="", encoding="utf-8", errors="surrogateescape")
         self.rows = 0
         if self.format == "csv":
             header = ["image", "union_task", "union_class"]

@@ -19,9 +19,12 @@ class TeacherConfig(TypedDict):
     classes: the teacher's class names, in the order of its logits.
     arch: a timm model name, or ``package.module.Class`` of any nn.Module taking ``num_classes``.
     checkpoint: local weights (.safetensors, .pth state_dict, or a Lightning .ckpt; prefixes are stripped).
+    checkpoint_prefix: the key prefix of the weights to load when a checkpoint holds several copies of the
+      model (e.g. ``model.`` beside ``ema_model.``); default: found from the model's own key names.
     taps: where features are read, one per common-feature block (``pooled``, a stage name, or an index).
     input_size, mean, std: the teacher's own preprocessing; default: what a checkpoint written by
-      ``amalgam.Classifier`` saved, else the timm pretrained config.
+      ``amalgam.Classifier`` (or the student's, in an amalgamation checkpoint) saved, else the timm
+      pretrained config.
     model_kwargs: extra keyword arguments for the model constructor (e.g. ``img_size``, ``patch_size``).
     """
 
@@ -29,6 +32,7 @@ class TeacherConfig(TypedDict):
     classes: list[str]
     arch: str
     checkpoint: NotRequired[str | None]
+    checkpoint_prefix: NotRequired[str | None]
     taps: NotRequired[list[Tap]]
     input_size: NotRequired[int | None]
     mean: NotRequired[list[float] | None]
@@ -36,20 +40,48 @@ class TeacherConfig(TypedDict):
     model_kwargs: NotRequired[dict[str, Any]]
 
 
+def saved_preprocessing(checkpoint: str) -> dict[str, Any]:
+    """input_size, mean, std (and classes) that an amalgam checkpoint saved: an ``amalgam.Classifier``'s own,
+    or an ``AmalgamationModule``'s student's. Other projects' hyper-parameters may use these names for other
+    things (timm's ``input_size`` is ``[3, H, W]``): only well-formed values of amalgam's checkpoints count."""
+    saved = saved_hyperparameters(checkpoint)
+    if isinstance(saved.get("student"), dict) and "teachers" in saved:  # a student used as a teacher
+        saved = saved["student"]
+    elif not ("arch" in saved and "classes" in saved):
+        return {}
+
+    def numbers(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) in (1, 3) and all(
+            isinstance(x, (int, float)) for x in value)
+
+    out = {"classes": saved.get("classes")} if isinstance(saved.get("classes"), (list, tuple)) else {}
+    if isinstance(saved.get("input_size"), int) and not isinstance(saved["input_size"], bool):
+        out["input_size"] = saved["input_size"]
+    out |= {k: list(saved[k]) for k in ("mean", "std") if numbers(saved.get(k))}
+    return out
+
+
 class Teacher(L.LightningModule):
     """A frozen expert: always in eval mode, no gradients, inference mode, never optimised or saved."""
 
     def __init__(self, task: str, classes: list[str], arch: str, checkpoint: str | None = None,
                  taps: list[Tap] | None = None, input_size: int | None = None, mean: list[float] | None = None,
-                 std: list[float] | None = None, model_kwargs: dict[str, Any] | None = None) -> None:
+                 std: list[float] | None = None, model_kwargs: dict[str, Any] | None = None,
+                 checkpoint_prefix: str | None = None) -> None:
         super().__init__()
         if not classes:
             raise ValueError(f"teacher {task!r}: 'classes' is empty; list the class names of its logits")
+        if checkpoint is not None and not str(checkpoint).strip():
+            raise ValueError(f"teacher {task!r}: 'checkpoint' is an empty string (an unset variable?); give the "
+                             f"path of its weights, or leave the key out for a randomly initialised teacher")
+        if not checkpoint:
+            rank_zero_warn(f"teacher {task!r} has no checkpoint: its weights are random, and a student learns "
+                           f"nothing useful from it. Set its 'checkpoint' to the trained weights.")
         self.task = task
         self.classes = list(classes)
-        # A checkpoint written by amalgam.Classifier knows the preprocessing the teacher was trained with: a
-        # teacher at the timm defaults instead (224 px, ImageNet statistics) would run but answer poorly.
-        saved = saved_hyperparameters(checkpoint) if checkpoint else {}
+        # A checkpoint written by amalgam knows the preprocessing the network was trained with: a teacher at
+        # the timm defaults instead (224 px, ImageNet statistics) would run but answer poorly.
+        saved = saved_preprocessing(checkpoint) if checkpoint else {}
         input_size, mean, std = input_size or saved.get("input_size"), mean or saved.get("mean"), std or saved.get("std")
         if saved.get("classes") and list(saved["classes"]) != self.classes:
             rank_zero_warn(f"teacher {task!r}: classes {self.classes} differ from those its checkpoint was trained "
@@ -57,7 +89,8 @@ class Teacher(L.LightningModule):
         self.net = TappedNetwork(arch, len(self.classes), ["pooled"] if taps is None else taps, input_size, mean, std,
                                  model_kwargs, owner=f"teacher {task!r} ({arch})")
         if checkpoint:
-            load_weights(self.net.model, checkpoint, f"teacher {task!r}", num_classes=len(self.classes))
+            load_weights(self.net.model, checkpoint, f"teacher {task!r}", num_classes=len(self.classes),
+                         prefix=checkpoint_prefix)
         self.requires_grad_(False)
         self.train(False)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_png
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -401,6 +402,33 @@ def test_every_good_image_decodes_to_a_uint8_square(image_tree):
     assert decode_rgb(image_tree / "rgba.png")[:, 0, 0].tolist() == [0, 0, 255]  # alpha dropped
     tall = load_image(image_tree / "sub/b.jpg", 16)  # 50x70: shorter side to 16, then center crop
     assert tall.float().mean((1, 2)).argmax() == 1
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png", "webp"])
+def test_exif_orientation_is_applied_in_every_format(tmp_path, suffix):
+    from PIL import ImageOps
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 12, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated a quarter turn: 8 wide, 12 high
+    path = tmp_path / f"rotated.{suffix}"
+    image.save(path, exif=exif, **({"quality": 100} if suffix == "jpg" else {"lossless": True} if suffix == "webp"
+                                   else {}))
+    with Image.open(path) as opened:
+        shown = torch.from_numpy(np.asarray(ImageOps.exif_transpose(opened).convert("RGB")).copy()).permute(2, 0, 1)
+    decoded = decode_rgb(path)
+    assert decoded.shape == shown.shape == (3, 12, 8)
+    assert (decoded.int() - shown.int()).abs().max() <= 1
+
+
+def test_linked_folders_are_read_once_even_when_a_link_points_back_up(tmp_path):
+    rng = np.random.default_rng(0)
+    write_png(tmp_path / "a" / "x.png", rng, (8, 8))
+    write_png(tmp_path / "top.png", rng, (8, 8))
+    (tmp_path / "a" / "up").symlink_to(tmp_path)  # a loop
+    (tmp_path / "again").symlink_to(tmp_path / "a")  # a second way into a
+    paths = scan_images(tmp_path)
+    assert len(paths) == 2 and {p.name for p in paths} == {"x.png", "top.png"}
 
 
 @pytest.mark.parametrize("name", BAD_FILES)

@@ -94,7 +94,8 @@ def test_reloaded_student_matches_the_trained_module_with_or_without_amalgam(tra
 
 def _predict_folder(root: Path) -> list[Path]:
     rng = np.random.default_rng(3)
-    paths = [root / f"img{i}.png" for i in range(5)]
+    # The last name is not valid UTF-8 (Latin-1 "café"): it is written back as its own bytes.
+    paths = [root / f"img{i}.png" for i in range(4)] + [root / os.fsdecode(b"caf\xe9.png")]
     for path in paths:
         write_png(path, rng, (48, 40))
     (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
@@ -115,7 +116,7 @@ def test_predict_cli_streams_one_row_per_image(output, trained, tmp_path, capsys
     # The rows agree with the exported student reading the same files: export and predict are one model.
     expected = {r["image"]: r for r in load_student(trained["export"]).predict_files(good)}
     if output.endswith(".csv"):
-        with target.open() as f:
+        with target.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows = list(csv.DictReader(f))
         assert list(rows[0])[:7] == ["image", "union_task", "union_class", "a", "a_prob", "a/cat", "a/dog"]
         got = {r["image"]: (r["union_task"], r["union_class"], r["a"], r["b"]) for r in rows}

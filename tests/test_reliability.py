@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from amalgam import AmalgamationModule, Teacher
-from amalgam.backbones import TappedNetwork, read_state_dict
+from amalgam.backbones import TappedNetwork, default_preprocessing, read_state_dict
 from amalgam.callbacks import ExactResume
 from amalgam.checkpointing import AtomicCheckpointIO, ResumableSampler
 from amalgam.cli import entry_point, main
@@ -289,9 +289,66 @@ def test_teacher_checkpoint_errors_name_teacher_and_sizes(case, tmp_path):
         save_file({k: v.contiguous() for k, v in state.items()}, path)
     with pytest.raises((ValueError, FileNotFoundError)) as info:
         Teacher(**teacher("a", "resnet", checkpoint=str(path)))
-    assert expected in str(info.value)
-    if case != "missing":
-        assert "teacher 'a'" in str(info.value)
+    assert expected in str(info.value) and "teacher 'a'" in str(info.value)
+
+
+def test_teacher_checkpoints_as_other_tools_write_them_load(tmp_path):
+    spec = teacher("a", "resnet")
+    state = _resnet_state()
+    images = torch.rand(2, 3, 32, 32)
+    expected = Teacher(**spec, checkpoint=_saved(state, tmp_path / "plain.pth"))(images).logits
+    # Older or converted files have no BatchNorm step counters, and a hub blob has no file extension.
+    no_counters = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    blob = tmp_path / "blobs" / "0f3a9c"
+    blob.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, blob)
+    for path in (_saved(no_counters, tmp_path / "old.pth"), str(blob)):
+        torch.testing.assert_close(Teacher(**spec, checkpoint=path)(images).logits, expected)
+    # A model and its EMA copy: which one to load is not guessed.
+    both = {**{f"model.{k}": v for k, v in state.items()}, **{f"ema_model.{k}": v * 0 for k, v in state.items()}}
+    path = _saved({"state_dict": both}, tmp_path / "ema.ckpt")
+    with pytest.raises(ValueError, match=r"teacher 'a': .*several prefixes \['ema_model\.', 'model\.'\].*"
+                                         r"checkpoint_prefix"):
+        Teacher(**spec, checkpoint=path)
+    chosen = Teacher.from_config({**spec, "checkpoint": path, "checkpoint_prefix": "model."})
+    torch.testing.assert_close(chosen(images).logits, expected)
+    with pytest.raises(ValueError, match="no key of the checkpoint starts with 'net.'"):
+        Teacher(**spec, checkpoint=path, checkpoint_prefix="net.")
+
+
+def _saved(obj: dict, path: Path) -> str:
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_a_teacher_adopts_only_amalgam_s_own_saved_preprocessing(tmp_path):
+    spec = teacher("a", "resnet")
+    spec.pop("input_size")
+    # Another project's hyper-parameters with timm's [3, H, W] input_size: not read as a size.
+    other = _saved({"state_dict": _resnet_state(), "hyper_parameters": {"input_size": [3, 24, 24],
+                                                                        "mean": "imagenet"}}, tmp_path / "o.ckpt")
+    net = Teacher(**spec, checkpoint=other).net
+    size, mean, _ = default_preprocessing(net.model)  # the timm defaults
+    assert net.input_size == size != 24 and net.mean.flatten().tolist() == pytest.approx(list(mean))
+    # An amalgamation checkpoint's student, used as a teacher, keeps the student's preprocessing.
+    hparams = {"teachers": [], "student": {"arch": spec["arch"], "input_size": 24, "mean": [0.2] * 3,
+                                           "std": [0.3] * 3}}
+    state = {f"student.model.{k}": v for k, v in _resnet_state().items()}
+    net = Teacher(**spec, checkpoint=_saved({"state_dict": state, "hyper_parameters": hparams},
+                                            tmp_path / "s.ckpt")).net
+    assert net.input_size == 24 and net.mean.flatten().tolist() == pytest.approx([0.2] * 3)
+
+
+def test_a_teacher_without_weights_is_named(tmp_path):
+    with pytest.warns(UserWarning, match="teacher 'a' has no checkpoint: its weights are random"):
+        Teacher(**teacher("a", "resnet"))
+    with pytest.raises(ValueError, match="teacher 'a': 'checkpoint' is an empty string"):
+        Teacher(**teacher("a", "resnet", checkpoint=" "))
+
+
+def test_a_vit_teacher_built_for_another_size_says_how_to_fix_it():
+    with pytest.raises(ValueError, match=r"does not run on 64x64 inputs .*model_kwargs: img_size"):
+        AmalgamationModule([teacher("b", "vit", input_size=64)], student())
 
 
 # --------------------------------------------------------------------------------------------------------

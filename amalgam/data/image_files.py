@@ -28,10 +28,22 @@ def find_images(root: Path) -> list[Path]:
 
     Hidden files and folders are left out: they hold editor and OS leftovers such as
     macOS `._photo.jpg` resource forks, which carry an image extension but are not images.
-    Symlinked folders are followed, as datasets are often assembled from links.
+    Symlinked folders are followed, as datasets are often assembled from links; each folder is read
+    once, however many links lead to it.
     """
-    paths = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+    paths, seen = [], set()
+
+    def unreadable(error: OSError) -> None:  # os.walk would pass over it in silence
+        log.warning("cannot list folder %s (%s): its images are left out", error.filename, error.strerror)
+
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=unreadable):
+        # A link back to a folder above would be walked again and again (until the path gets too long).
+        stat = os.stat(folder)
+        folder_id = (stat.st_dev, stat.st_ino)
+        if folder_id in seen:
+            subfolders[:] = []
+            continue
+        seen.add(folder_id)
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         paths += [
             Path(folder) / name
@@ -74,17 +86,21 @@ def decode_rgb(path: Path) -> Tensor:
         raise BadImageError(f"cannot read image file {path}: {error}") from error
     if not raw:
         raise BadImageError(f"image file {path} is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders (TorchCodec replaces them) and says so on every call.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_image(
-                torch.frombuffer(bytearray(raw), dtype=torch.uint8),
-                mode=ImageReadMode.RGB,
-                apply_exif_orientation=True,
-            )
-    except (RuntimeError, ValueError) as torchvision_error:
-        image = _decode_with_pillow(raw, path, torchvision_error)
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        # torchvision's decoder ignores a WebP's EXIF orientation; Pillow applies it.
+        image = _decode_with_pillow(raw, path, None)
+    else:
+        try:
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its decoders (TorchCodec replaces them) and says so on every call.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = decode_image(
+                    torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                    mode=ImageReadMode.RGB,
+                    apply_exif_orientation=True,
+                )
+        except (RuntimeError, ValueError) as torchvision_error:
+            image = _decode_with_pillow(raw, path, torchvision_error)
     if image.ndim == 4:  # animated image: keep the first frame
         image = image[0]
     if image.dtype != torch.uint8:  # 16-bit PNG decodes to uint16
@@ -92,7 +108,7 @@ def decode_rgb(path: Path) -> Tensor:
     return image
 
 
-def _decode_with_pillow(raw: bytes, path: Path, torchvision_error: Exception) -> Tensor:
+def _decode_with_pillow(raw: bytes, path: Path, torchvision_error: Exception | None) -> Tensor:
     try:
         with Image.open(io.BytesIO(raw)) as opened:
             opened.load()  # raises on truncated data (unless LOAD_TRUNCATED_IMAGES is set globally)
@@ -104,9 +120,9 @@ def _decode_with_pillow(raw: bytes, path: Path, torchvision_error: Exception) ->
             else:
                 array = np.asarray(image.convert("RGB"))
     except Exception as pillow_error:  # Pillow raises many types for bad data (OSError, SyntaxError, ...)
+        tried = f"torchvision: {_short(torchvision_error)}; " if torchvision_error else ""
         raise BadImageError(
-            f"cannot decode {path} as an image (torchvision: {_short(torchvision_error)}; "
-            f"Pillow: {_short(pillow_error)}); delete or replace the file"
+            f"cannot decode {path} as an image ({tried}Pillow: {_short(pillow_error)}); delete or replace the file"
         ) from pillow_error
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
