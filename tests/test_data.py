@@ -517,6 +517,27 @@ def test_eval_labels_follow_the_teacher_class_order(tmp_path):
     assert torch.equal(brightness > 0.5, labels == 0)  # dog (white) -> teacher label 0
 
 
+def test_class_names_with_a_slash_or_decomposed_accents_find_their_folders(tmp_path):
+    import unicodedata
+
+    root = tmp_path / "clothes"
+    # "T-shirt/top" cannot name a folder; an accented name as macOS writes it (decomposed, NFD).
+    for name, value in (("T-shirt_top", 0), (unicodedata.normalize("NFD", "Café"), 128), ("Coat", 255)):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (value,) * 3).save(root / name / "0.png")
+    dm = ImageFolderDataModule(str(root), eval_dirs={"c": str(root)}, image_size=8, batch_size=2, eval_batch_size=8,
+                               num_workers=0)
+    dm.setup("validate")
+    dm.check_task_classes({"c": ["Coat", "Café", "T-shirt/top"]})  # the YAML's (composed) names
+    assert dm.task_classes == {"c": ["Coat", "Café", "T-shirt/top"]}
+    (loader,) = dm.val_dataloader()
+    images, labels = dm.on_after_batch_transfer(next(iter(loader)).batch, 0)
+    by_label = dict(zip(labels.tolist(), (images.mean((1, 2, 3)) * 255).round().tolist()))
+    assert by_label == {0: 255, 1: pytest.approx(128, abs=1), 2: 0}
+    with pytest.raises(ValueError, match="would share one evaluation folder"):
+        dm.check_task_classes({"c": ["a/b", "a_b", "Coat"]})
+
+
 def test_eval_class_mismatch_names_both_sides(tmp_path):
     pets = write_eval_folder(tmp_path / "pets")
     dm = ImageFolderDataModule(str(pets), eval_dirs={"pets": str(pets)}, num_workers=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,13 @@ from torch.utils.data import DataLoader
 from amalgam.callbacks import ExactResume
 from amalgam.data.base import AmalgamDataModule, pin_memory_default
 from amalgam.data.image_files import CollateSkipping, ImageFiles, SkipCounted, find_images, scan_images
+
+
+def folder_name(class_name: str) -> str:
+    """The evaluation sub-folder that holds a class: the class name with any '/' (which no folder name can
+    hold, as in Fashion-MNIST's 'T-shirt/top') written as '_', compared in Unicode NFC form (macOS writes
+    folder names decomposed, YAML files are usually composed)."""
+    return unicodedata.normalize("NFC", class_name).replace("/", "_")
 
 
 def class_folders(root: Path) -> list[str]:
@@ -43,7 +51,8 @@ class ImageFolderDataModule(AmalgamDataModule):
 
     Args:
         train_dir: Folder of training images, any depth, no labels needed.
-        eval_dirs: Task name -> folder with one sub-folder per class (class name = folder name).
+        eval_dirs: Task name -> folder with one sub-folder per class (class name = folder name; a '/' in a
+            class name is written '_' in its folder name: `folder_name`).
             Call `check_task_classes` with the teachers' class names to label in their order.
         predict_dir: Folder of images to predict on; `train_dir` when None.
         image_size: Side S of the square images: the shorter side is resized to S, then center-cropped.
@@ -90,7 +99,9 @@ class ImageFolderDataModule(AmalgamDataModule):
             if not isinstance(task, str) or not task.strip():
                 raise ValueError(f"eval_dirs keys are task names and must be non-empty, got {task!r}")
         # Folder order until check_task_classes puts each task in its teacher's order.
-        self.task_classes = {task: class_folders(folder) for task, folder in self.eval_dirs.items()}
+        self.task_classes = {
+            task: [folder_name(name) for name in class_folders(folder)] for task, folder in self.eval_dirs.items()
+        }
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.eval_batch_size = eval_batch_size or batch_size
         self.padding, self.flip, self.strict = padding, flip, strict
@@ -112,12 +123,15 @@ class ImageFolderDataModule(AmalgamDataModule):
                     f"eval_dirs has task {task!r} ({folder}) but the teachers' tasks are {list(expected)}; "
                     f"rename the eval_dirs key"
                 )
-            found, wanted = set(self.task_classes[task]), set(expected[task])
+            found, wanted = set(self.task_classes[task]), {folder_name(name) for name in expected[task]}
+            if len(wanted) < len(expected[task]):
+                raise ValueError(f"task {task!r}: two of the teacher's classes {expected[task]} would share one "
+                                 f"evaluation folder ('/' is written '_'); rename one of them")
             if found != wanted:
                 raise ValueError(
                     f"task {task!r}: class folders in {folder} do not match the teacher's classes; "
                     f"missing folders: {sorted(wanted - found)}, extra folders: {sorted(found - wanted)}. "
-                    f"Rename the sub-folders to the teacher's class names."
+                    f"Rename the sub-folders to the teacher's class names ('/' written as '_')."
                 )
             self.task_classes[task] = list(expected[task])
 
@@ -144,7 +158,7 @@ class ImageFolderDataModule(AmalgamDataModule):
     def _scan_eval_folder(self, task: str) -> list[tuple[Path, str]]:
         # Images directly in the task folder (outside any class folder) have no label and are ignored.
         folder = self.eval_dirs[task]
-        files = [(path, name) for name in class_folders(folder) for path in find_images(folder / name)]
+        files = [(path, folder_name(name)) for name in class_folders(folder) for path in find_images(folder / name)]
         if not files:
             raise ValueError(
                 f"evaluation folder {folder} (task {task!r}) has class folders but no images in them"
@@ -190,7 +204,7 @@ class ImageFolderDataModule(AmalgamDataModule):
         loaders = []
         for task in self.task_names:
             # Labels follow task_classes, which check_task_classes may have reordered after setup.
-            label_of = {name: label for label, name in enumerate(self.task_classes[task])}
+            label_of = {folder_name(name): label for label, name in enumerate(self.task_classes[task])}
             paths = [path for path, _ in self.eval_files[task]]
             labels = [label_of[name] for _, name in self.eval_files[task]]
             dataset = ImageFiles(paths, self.image_size, targets=labels, strict=self.strict)
