@@ -15,6 +15,7 @@ from typing import IO, Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from amalgam.checkpointing import ResumableSampler
 
@@ -39,6 +40,8 @@ class ExactResume(Callback):
         self.epoch = 0  # the epoch the next training batch belongs to
         self.batches_done = 0  # batches of that epoch already trained on
         self._pending: tuple[int, int] | None = None  # restored from a checkpoint, not yet handed to a sampler
+        self.world_size: int | None = None  # processes of the run that wrote the restored checkpoint
+        self._world_size = 1  # processes of this run
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -50,12 +53,17 @@ class ExactResume(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.epoch, self.batches_done = trainer.current_epoch + 1, 0
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._world_size = trainer.world_size
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        return {"epoch": self.epoch, "batches_done": self.batches_done,
+                "world_size": self._world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch, self.batches_done = int(state_dict["epoch"]), int(state_dict["batches_done"])
         self._pending = (self.epoch, self.batches_done)
+        self.world_size = state_dict.get("world_size")
 
     @staticmethod
     def sampler_for(trainer: pl.Trainer | None, dataset_size: int, batch_size: int, shuffle: bool = True
@@ -70,6 +78,10 @@ class ExactResume(Callback):
         if callback is not None and callback._pending is not None:
             epoch, batches = callback._pending
             callback._pending = None
+            if batches and callback.world_size not in (None, trainer.world_size):
+                rank_zero_warn(f"Resuming in the middle of epoch {epoch} with {trainer.world_size} process(es); the "
+                               f"checkpoint was written by {callback.world_size}. The rest of this epoch splits its "
+                               f"images another way (some are read twice, some not at all); later epochs are exact.")
             sampler.start_at(epoch, batches * batch_size)
             warnings.filterwarnings("ignore", message=_MID_EPOCH_WARNING)
         return sampler

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -550,6 +551,24 @@ def test_resumable_sampler_order_is_a_function_of_seed_and_epoch():
     assert sorted(shares[0] + shares[1]) == list(range(10))
 
 
+def test_a_mid_epoch_resume_with_another_number_of_processes_says_the_epoch_is_not_exact():
+    from types import SimpleNamespace
+
+    def resumed(state: dict, world_size: int) -> None:
+        callback = ExactResume()
+        callback.load_state_dict(state)
+        trainer = SimpleNamespace(world_size=world_size, global_rank=0, callbacks=[callback])
+        ExactResume.sampler_for(trainer, dataset_size=20, batch_size=2)
+
+    with pytest.warns(UserWarning, match="middle of epoch 1 with 1 process.*written by 2"):
+        resumed({"epoch": 1, "batches_done": 3, "world_size": 2}, world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed({"epoch": 1, "batches_done": 3, "world_size": 2}, world_size=2)  # same layout: exact
+        resumed({"epoch": 1, "batches_done": 0, "world_size": 2}, world_size=1)  # at an epoch's start: exact
+        resumed({"epoch": 1, "batches_done": 3}, world_size=1)  # a checkpoint that does not say
+
+
 KILLER = textwrap.dedent("""
     import os, signal
     import lightning as L
@@ -617,7 +636,7 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(sig, saved_step, uni
     assert "Traceback" not in out.stderr
     left = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
     assert left["global_step"] == saved_step and left["epoch"] == 1  # mid-epoch
-    assert left["callbacks"]["ExactResume"] == {"epoch": 1, "batches_done": saved_step - 3}
+    assert left["callbacks"]["ExactResume"] == {"epoch": 1, "batches_done": saved_step - 3, "world_size": 1}
 
     cli = main(["fit", "--config", str(_resume_config(tmp_path, image_tree, "run")), "--ckpt_path", "last"])
     assert cli.trainer.global_step == 6
