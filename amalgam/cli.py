@@ -4,11 +4,14 @@ Models and data modules are given by ``class_path`` (``amalgam.AmalgamationModul
 or a subclass in the user's own project), so the same entry point trains teachers and students.
 ``python -m amalgam export --ckpt run.ckpt --out DIR`` writes the student alone (``amalgam.export``).
 Every run gets, unless its config chose otherwise: a progress bar, atomic checkpoint files that load with
-``weights_only=True`` (``AtomicCheckpointIO``) and exact mid-epoch resume (``ExactResume``).
+``weights_only=True`` (``AtomicCheckpointIO``), a ``last.ckpt`` to resume from (``ModelCheckpoint(save_last=True)``)
+and exact mid-epoch resume (``ExactResume``). Arguments given in the config or on the command line outrank
+those a ``--ckpt_path`` checkpoint saved.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import sys
@@ -16,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -27,10 +31,18 @@ from amalgam.checkpointing import AtomicCheckpointIO, RefusedCheckpointError, Un
 
 
 class AmalgamCLI(LightningCLI):
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # What the user wrote (config files, command line), without the defaults: it outranks the
+        # hyper-parameters a --ckpt_path checkpoint saved (_parse_ckpt_path).
+        self._given = None if isinstance(args, (dict, Namespace)) else parser.parse_args(args, defaults=False)
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyper-parameters first (with weights_only=True): name a refused file.
+        subcommand = self.config.get("subcommand")
+        before = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
         try:
-            if self.config.get("subcommand") and self.config[self.config.subcommand].get("weights_only") is False:
+            if subcommand and self.config[subcommand].get("weights_only") is False:
                 self._parse_trusted_ckpt_path()
             else:
                 super()._parse_ckpt_path()
@@ -38,6 +50,20 @@ class AmalgamCLI(LightningCLI):
             raise RefusedCheckpointError(self.config[self.config.subcommand].get("ckpt_path"), err) from err
         except Exception as err:  # torch.load's: a config that does not parse exits (SystemExit) instead
             raise UnreadableCheckpointError(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+        if subcommand:
+            self._keep_given_model_args(subcommand, before)
+
+    def _keep_given_model_args(self, subcommand: str, before: Any) -> None:
+        """LightningCLI lets a checkpoint's saved arguments override the config: a moved project's teacher
+        paths, or ``--model.init_args.evaluate_teachers false``, would be silently replaced. The arguments the
+        user gave win; the checkpoint fills in only what they left out."""
+        given = getattr(self, "_given", None)
+        given = given.get(f"{subcommand}.model.init_args") if given is not None else None
+        after = self.config[subcommand].get("model")
+        if given is None or before is None or after is None or before.get("class_path") != after.get("class_path"):
+            return
+        for key in vars(given):
+            after["init_args"][key] = before["init_args"][key]
 
     def _parse_trusted_ckpt_path(self) -> None:
         """LightningCLI's ``_parse_ckpt_path`` for ``--weights_only false``: it always reads with
@@ -61,7 +87,11 @@ class AmalgamCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = config["callbacks"] = [*callbacks, progress_bar()]
         if not any(isinstance(c, ExactResume) for c in callbacks):
-            config["callbacks"] = [*callbacks, ExactResume()]
+            callbacks = config["callbacks"] = [*callbacks, ExactResume()]
+        if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint)
+                                                                          for c in callbacks):
+            # Lightning's default, plus a last.ckpt: what `--ckpt_path last` resumes from after a crash.
+            config["callbacks"] = [*callbacks, ModelCheckpoint(save_last=True)]
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):

@@ -120,8 +120,9 @@ def load_student(directory: str | Path, map_location: str | torch.device = "cpu"
 
 
 def student_config_from_checkpoint(checkpoint: dict[str, Any], source: str = "") -> dict[str, Any]:
-    """The ``config.json`` of the student in an AmalgamationModule checkpoint (its hyper-parameters)."""
-    hp = checkpoint.get("hyper_parameters") or {}
+    """The ``config.json`` of the student in an AmalgamationModule checkpoint (the networks it recorded as
+    built; the hyper-parameters in checkpoints written before it recorded them)."""
+    hp = checkpoint.get("amalgam") or checkpoint.get("hyper_parameters") or {}
     if "student" not in hp or "teachers" not in hp:
         raise ValueError(f"{source or 'the checkpoint'} holds no AmalgamationModule hyper-parameters (student, "
                          f"teachers); export takes a .ckpt written by `python -m amalgam fit` of an "

@@ -6,14 +6,15 @@ step as a chain of small hooks a subclass may override, evaluation, optimisers.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, ClassVar, Literal, NotRequired, TypedDict
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import AttributeDict, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -151,6 +152,10 @@ class AmalgamationModule(L.LightningModule):
         neighbour_k: neighbours per image in the ``neighbour`` term.
     """
 
+    # Loss terms a subclass adds in ``loss_terms``, with their default weights: they are then set under
+    # ``model.loss_weights`` and weighed by ``combine_losses`` like the built-in ones.
+    extra_loss_terms: ClassVar[dict[str, float]] = {}
+
     def __init__(
         self,
         teachers: list[TeacherConfig],
@@ -192,6 +197,10 @@ class AmalgamationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Every argument as this class received it, read throughout. Under LightningCLI the hparams hold the
+        # config's arguments only (what reloading the class needs), not values a subclass fixed in its own
+        # super().__init__ call.
+        self.args = AttributeDict({name: value for name, value in locals().items() if name in INIT_ARGS})
         self.optimizer_factory = optimizer or fused_adam
         if not teachers:
             raise ValueError("model.teachers is empty: give at least one teacher")
@@ -219,10 +228,11 @@ class AmalgamationModule(L.LightningModule):
         self.student = TappedNetwork(student["arch"], self.num_classes, student.get("taps", ["pooled"]),
                                      student.get("input_size"), student.get("mean"), student.get("std"),
                                      student.get("model_kwargs"), owner=f"student ({student['arch']})")
-        weights = {**DEFAULT_WEIGHTS, **(loss_weights or {})}
-        if set(weights) - set(DEFAULT_WEIGHTS):
-            raise ValueError(f"model.loss_weights has unknown terms {sorted(set(weights) - set(DEFAULT_WEIGHTS))};"
-                             f" valid terms: {sorted(DEFAULT_WEIGHTS)}")
+        defaults = {**DEFAULT_WEIGHTS, **self.extra_loss_terms}
+        weights = {**defaults, **(loss_weights or {})}
+        if set(weights) - set(defaults):
+            raise ValueError(f"model.loss_weights has unknown terms {sorted(set(weights) - set(defaults))};"
+                             f" valid terms: {sorted(defaults)} (a subclass adds its own in extra_loss_terms)")
         self.loss_weights = weights
         # With both common-space terms off (plain KD) the blocks would only cost time: build none.
         uses_blocks = weights["mmd"] > 0 or weights["recon"] > 0
@@ -282,7 +292,7 @@ class AmalgamationModule(L.LightningModule):
         return union_teacher.requires_grad_(False)
 
     def _build_task_gates(self) -> nn.ModuleDict:
-        if self.hparams.teacher_cache:
+        if self.args.teacher_cache:
             raise ValueError("loss_weights.task_gate reads the teachers' BatchNorm inputs on every step, but "
                              "model.teacher_cache skips the teachers on repeated views: turn one of them off")
         gates = {}
@@ -351,15 +361,15 @@ class AmalgamationModule(L.LightningModule):
         return self
 
     def configure_model(self) -> None:
-        if self.hparams.channels_last:
+        if self.args.channels_last:
             self.to(memory_format=torch.channels_last)
-        if self.hparams.compile:
+        if self.args.compile:
             # Every network runs TappedNetwork.forward, and dynamo counts recompiles per code object, not per
             # network: each network in each grad mode takes an entry. Three teachers and the student filled
             # the default limit (8); a fourth teacher would have run eagerly.
             networks = 1 + len(self._teachers)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * networks)
-            mode = self.hparams.compile_mode
+            mode = self.args.compile_mode
             self.student.compile(mode=mode)
             self.blocks.compile(mode=mode)
             for teacher in self._teachers:
@@ -376,11 +386,11 @@ class AmalgamationModule(L.LightningModule):
         def run(x: Tensor) -> list[Features]:
             for store in self._moments.values():
                 store.clear()
-            if self.hparams.teacher_flip_average:
+            if self.args.teacher_flip_average:
                 return [mirror_average(teacher(torch.cat([x, x.flip(-1)]))) for teacher in self._teachers]
             return [teacher(x) for teacher in self._teachers]
 
-        if not (self.hparams.teacher_cache and self.training):
+        if not (self.args.teacher_cache and self.training):
             return run(images)
         cache = self._teacher_cache
         if cache is None:
@@ -391,7 +401,7 @@ class AmalgamationModule(L.LightningModule):
         return outputs
 
     def _make_teacher_cache(self) -> TeacherCache:
-        setting = self.hparams.teacher_cache
+        setting = self.args.teacher_cache
         if setting is True:
             loader = self.trainer.train_dataloader if self._trainer else None
             dataset = getattr(loader, "dataset", None)
@@ -414,7 +424,7 @@ class AmalgamationModule(L.LightningModule):
 
     def loss_terms(self, student: Features, teachers: list[Features], common: list[CommonFeatures]
                    ) -> dict[str, Tensor]:
-        weights = self.kd_task_weights(student.logits) if self.hparams.kd_task_weighting else None
+        weights = self.kd_task_weights(student.logits) if self.args.kd_task_weighting else None
         terms = {"kd": self.kd_loss(student.logits, [t.logits for t in teachers], self.slices, weights)}
         if common:
             terms["mmd"] = sum(self.mmd_loss(c.student, c.teachers) for c in common)
@@ -433,7 +443,7 @@ class AmalgamationModule(L.LightningModule):
         log_probs = student_logits.float().log_softmax(1)
         log_task = torch.stack([log_probs[:, a:b].logsumexp(1) for a, b in self.slices], 1)
         mass = log_task.exp()
-        product = self.hparams.task_gate_target == "product"
+        product = self.args.task_gate_target == "product"
         log_odds = torch.zeros_like(mass)
         terms: dict[str, Tensor] = {}
         for index, task in enumerate(self.task_names):
@@ -460,7 +470,7 @@ class AmalgamationModule(L.LightningModule):
     def kd_task_weights(self, student_logits: Tensor) -> Tensor:
         """[B, teachers] weights of the per-slice soft-target terms (see ``kd_task_weighting``)."""
         belief = slice_mass(F.softmax(student_logits.detach().float(), dim=1), self.slices)
-        alpha = self.hparams.kd_task_weighting
+        alpha = self.args.kd_task_weighting
         return (1 - alpha) + alpha * belief / belief.mean(0, keepdim=True).clamp_min(1e-6)
 
     def neighbour_keys(self, teachers: list[Features]) -> Tensor:
@@ -477,7 +487,7 @@ class AmalgamationModule(L.LightningModule):
         return self.student_outputs(strong_view(images))
 
     def self_label_term(self, student: Features, strong: Features) -> Tensor:
-        slices = self.slices if self.hparams.selflabel_target == "task" else None
+        slices = self.slices if self.args.selflabel_target == "task" else None
         loss, kept = self.self_label(student.logits, strong.logits, slices)
         self.log("train/selflabel_kept", kept, on_step=False, on_epoch=True)
         return loss
@@ -495,6 +505,11 @@ class AmalgamationModule(L.LightningModule):
         return self.union_kd_loss(student.logits, [target], [(0, self.num_classes)])
 
     def combine_losses(self, terms: dict[str, Tensor]) -> Tensor:
+        unknown = set(terms) - set(self.loss_weights) - UNWEIGHTED
+        if unknown:
+            raise ValueError(f"loss term(s) {sorted(unknown)} have no weight: declare them in "
+                             f"{type(self).__name__}.extra_loss_terms (name: default weight), then set them "
+                             f"under model.loss_weights like any other")
         return sum((1.0 if name in UNWEIGHTED else self.loss_weights[name]) * value for name, value in terms.items())
 
     def on_train_epoch_start(self) -> None:
@@ -530,11 +545,11 @@ class AmalgamationModule(L.LightningModule):
                 return None
             # DDP's gradient all-reduce still runs: a zero loss through every trainable parameter joins it.
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-        if self.hparams.shared_strong_view:
+        if self.args.shared_strong_view:
             images = strong_view(images)
-        if self.hparams.mixup_alpha:
-            images = mix_images(images, self.hparams.mixup_alpha)
-        if self.hparams.channels_last:
+        if self.args.mixup_alpha:
+            images = mix_images(images, self.args.mixup_alpha)
+        if self.args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         teachers = self.teacher_outputs(images)
         student = self.student_outputs(images)
@@ -557,7 +572,7 @@ class AmalgamationModule(L.LightningModule):
         return loss
 
     def _check_finite(self, terms: dict[str, Tensor], loss: Tensor) -> None:
-        every = self.hparams.nan_check_every_n_steps
+        every = self.args.nan_check_every_n_steps
         if every <= 0 or self.global_step % every:
             return
         finite = here = bool(torch.isfinite(loss.detach()))
@@ -608,7 +623,7 @@ class AmalgamationModule(L.LightningModule):
         m[f"{task}_acc"].update(logits[:, a:b], labels)
         m["union_acc"].update(logits, labels + a)
         self.union_confusion.update(logits, labels + a)
-        if self.hparams.evaluate_teachers:
+        if self.args.evaluate_teachers:
             teacher_logits = [teacher(images).logits for teacher in self._teachers]
             m[f"{task}_teacher_acc"].update(teacher_logits[t], labels)
             m[f"{task}_agreement"].update(logits[:, a:b], teacher_logits[t].argmax(1))
@@ -654,7 +669,7 @@ class AmalgamationModule(L.LightningModule):
     # Optimisation: separate groups for the student backbone, its head, and the common-feature blocks
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        hp = self.hparams
+        hp = self.args
         classifier = classifier_of(self.student.model)
         head = set(classifier.parameters()) if classifier is not None else set()
         backbone = [p for p in self.student.parameters() if p not in head]
@@ -665,11 +680,15 @@ class AmalgamationModule(L.LightningModule):
             groups.append({"name": "projector", "params": list(self.projector.parameters()), "lr": hp.lr})
         if self.task_gates is not None:  # a linear fit of fixed teacher statistics: faster than the student
             groups.append({"name": "task_gate", "params": list(self.task_gates.parameters()), "lr": 10 * hp.lr})
+        # Whatever else trains (modules a subclass adds): at the student's rate, never silently left out.
+        grouped = {id(p) for g in groups for p in g["params"]}
+        others = [p for p in self.parameters() if p.requires_grad and id(p) not in grouped]
+        groups.append({"name": "other", "params": others, "lr": hp.lr})
         return [dict(g, weight_decay=hp.weight_decay) for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameter_groups())
-        hp = self.hparams
+        hp = self.args
         if hp.scheduler == "none":
             return optimizer
         if hp.scheduler == "step":
@@ -684,6 +703,9 @@ class AmalgamationModule(L.LightningModule):
         hparams = checkpoint.get("hyper_parameters", {})
         if callable(hparams.get("optimizer")):
             hparams["optimizer"] = None
+        # The networks as built, for export: a subclass may build its student or teachers itself, so the
+        # hyper-parameters alone need not name them.
+        checkpoint["amalgam"] = {"student": dict(self.args.student), "teachers": [dict(t) for t in self.args.teachers]}
         # Never replace a good checkpoint with broken weights: raising here aborts this save before any file
         # is touched (and the run with it), so the last good checkpoint stays the one to resume from.
         broken = [k for k, v in checkpoint.get("state_dict", {}).items()
@@ -693,6 +715,9 @@ class AmalgamationModule(L.LightningModule):
                 f"weights {broken[:5]} became NaN/Inf by step {self.global_step} (epoch {self.current_epoch}); "
                 f"this checkpoint was not written and earlier ones are intact. Lower the learning rate or the "
                 f"loss weights, then resume with --ckpt_path last.")
+
+
+INIT_ARGS = tuple(inspect.signature(AmalgamationModule.__init__).parameters)[1:]
 
 
 def finite_steps(trainer: L.Trainer, why: str) -> int:

@@ -125,7 +125,7 @@ class CommonSpacePlot(L.Callback):
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         images, labels, names = [], [], []
         for task, loader in zip(datamodule.task_names, loaders):
-            offset = pl_module.slices[pl_module.task_names.index(task)][0]
+            offset = len(names)  # labels index the legend's classes: those of the evaluated tasks
             taken = 0
             for batch in loader:
                 if hasattr(datamodule, "convert_batch"):  # also unwraps an image folder's SkipCounted batches

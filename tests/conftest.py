@@ -82,7 +82,7 @@ def amalgam_config(tmp_path: Path, image_tree: dict, teachers: list[dict], stude
                                 **(model_args or {})}},
         "data": {"class_path": "amalgam.data.ImageFolderDataModule",
                  "init_args": {"train_dir": image_tree["train"],
-                               "eval_dirs": {t: image_tree["eval"][t] for t in tasks},
+                               "eval_dirs": {t: image_tree["eval"][t] for t in tasks if t in image_tree["eval"]},
                                "image_size": SIZE, "batch_size": 8, "num_workers": 0}},
     }
     path = tmp_path / "config.yaml"

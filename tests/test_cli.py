@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import amalgam_config, student, teacher
+from conftest import TASK_CLASSES, amalgam_config, student, teacher
 
 from amalgam.cli import main
 from amalgam.visualize import CommonSpacePlot, ConfusionPlot
@@ -82,7 +82,8 @@ def test_confusion_plot_callback_draws_the_chosen_evaluations(tmp_path, image_tr
 
 
 def test_common_space_plot_callback_draws_image_folder_runs(tmp_path, image_tree):
-    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
+    only_b = {**image_tree, "eval": {"b": image_tree["eval"]["b"]}}  # the second teacher's task alone
+    cfg = amalgam_config(tmp_path, only_b, [teacher("a", "resnet"), teacher("b", "vit")], student(),
                          trainer={"fast_dev_run": 1})
     cli = run(["fit", "--config", str(cfg), "--trainer.callbacks+", "amalgam.visualize.CommonSpacePlot",
                "--trainer.callbacks.dirpath", str(tmp_path / "pics"), "--trainer.callbacks.method", "pca",
@@ -90,6 +91,9 @@ def test_common_space_plot_callback_draws_image_folder_runs(tmp_path, image_tree
     [callback] = [c for c in cli.trainer.callbacks if isinstance(c, CommonSpacePlot)]
     assert callback.path == tmp_path / "pics" / "common_space.png"
     assert callback.path.read_bytes()[:4] == b"\x89PNG"
+    # Colours follow the legend: labels index the evaluated classes, whatever slice of the head they hold.
+    _, labels, names = callback._eval_images(cli.trainer, cli.model)
+    assert names == TASK_CLASSES["b"] and 0 in labels and set(labels.tolist()) <= set(range(len(names)))
 
 
 class LogDirCounter:
