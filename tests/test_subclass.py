@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from typing import ClassVar
 
 import torch
 import yaml
@@ -17,7 +18,7 @@ from amalgam.cli import entry_point, main
 class AuxHead(AmalgamationModule):
     """Adds a trainable module of its own and a loss term, with a weight set under model.loss_weights."""
 
-    extra_loss_terms = {"aux": 1.0}
+    extra_loss_terms: ClassVar[dict[str, float]] = {"aux": 1.0}
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
