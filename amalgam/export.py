@@ -33,8 +33,8 @@ STUDENT_PREFIX = "student.model."  # AmalgamationModule.student (TappedNetwork) 
 class Student(nn.Module):
     """A trained student, standalone: preprocessing, the network, and the tasks of its union head.
 
-    ``forward(images)`` takes float RGB images in [0, 1] (any size: they are resized to ``input_size``) and
-    returns the union logits; ``predict`` turns them into per-task and task-agnostic answers;
+    ``forward(images)`` takes float RGB images in [0, 1], or uint8 ones in [0, 255] as ``torchvision.io``
+    reads them (any size: they are resized to ``input_size``), and returns the union logits; ``predict`` turns them into per-task and task-agnostic answers;
     ``predict_files`` reads image files with the training data's resize and center crop.
     """
 
@@ -52,6 +52,8 @@ class Student(nn.Module):
         self.union = [(task, name) for task, classes in self.tasks.items() for name in classes]
 
     def preprocess(self, images: Tensor) -> Tensor:
+        if not images.is_floating_point():  # uint8 pixels: read as-is they would be 255x too bright
+            images = images.float() / 255
         if images.shape[-2:] != (self.input_size, self.input_size):
             images = nn.functional.interpolate(images, size=(self.input_size, self.input_size),
                                                mode="bilinear", antialias=True, align_corners=False)

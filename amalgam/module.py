@@ -598,6 +598,10 @@ class AmalgamationModule(L.LightningModule):
                              f"per step (the union prior, BatchNorm and MMD average over the batch); set it >= 2.")
         self.eval_tasks = list(self.task_names)
         task_classes = getattr(datamodule, "task_classes", None)
+        if stage in ("validate", "test") and task_classes is not None and not task_classes:
+            raise ValueError(f"nothing to {'validate' if stage == 'validate' else 'test'}: the data has no labelled images (data.init_args.eval_dirs is "
+                             f"empty). Give one folder per task with a sub-folder per class: eval_dirs: "
+                             f"{{{self.task_names[0]}: path/to/folder, ...}}")
         if not task_classes:
             return
         expected = {t.task: t.classes for t in self._teachers}

@@ -82,6 +82,10 @@ def test_reloaded_student_matches_the_trained_module_with_or_without_amalgam(tra
         resized = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
         torch.testing.assert_close(plain.eval()((resized - mean) / std), expected)
 
+        # uint8 pixels, as torchvision.io.read_image gives them, are the same picture.
+        pixels = (images * 255).round().to(torch.uint8)
+        torch.testing.assert_close(exported(pixels), exported(pixels.float() / 255), rtol=0, atol=0)
+
     predictions = exported.predict(images)
     for row, logits in zip(predictions, expected):
         assert row["tasks"]["a"]["class"] == TASK_CLASSES["a"][int(logits[:2].argmax())]

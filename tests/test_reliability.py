@@ -140,6 +140,12 @@ def test_an_evaluation_or_predict_batch_of_unreadable_files_only_is_passed_over(
     assert any(len(p["union_top"]) == 0 for p in predictions)
 
 
+def test_validate_without_labelled_folders_says_what_to_give(tmp_path, image_tree, capsys):
+    cfg = amalgam_config(tmp_path, {**image_tree, "eval": {}}, [teacher("a", "resnet")], student())
+    code, err = run_entry(["validate", "--config", str(cfg)], capsys)
+    assert code == 1 and "nothing to validate" in err and "eval_dirs" in err and "Traceback" not in err
+
+
 def test_small_map_convolutions_take_an_empty_batch():
     net = TappedNetwork(TINY["student"]["arch"], 3, ["pooled"], input_size=32,
                         model_kwargs=TINY["student"]["model_kwargs"])
