@@ -35,7 +35,15 @@ class AmalgamCLI(LightningCLI):
         super().parse_arguments(parser, args)
         # What the user wrote (config files, command line), without the defaults: it outranks the
         # hyper-parameters a --ckpt_path checkpoint saved (_parse_ckpt_path).
-        self._given = None if isinstance(args, (dict, Namespace)) else parser.parse_args(args, defaults=False)
+        self._given = None
+        if not isinstance(args, (dict, Namespace)):
+            exit_on_error, parser.exit_on_error = parser.exit_on_error, False
+            try:
+                self._given = parser.parse_args(args, defaults=False)
+            except Exception:  # nothing to tell apart: the checkpoint's arguments win, as in LightningCLI
+                pass
+            finally:
+                parser.exit_on_error = exit_on_error
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyper-parameters first (with weights_only=True): name a refused file.
