@@ -219,8 +219,9 @@ def _looks_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
-def saved_hyperparameters(path: str | Path) -> dict[str, Any]:
-    """A Lightning ``.ckpt``'s ``hyper_parameters`` ({} for other files or none), its tensors left unread."""
+def saved_hyperparameters(path: str | Path, key: str = "hyper_parameters") -> dict[str, Any]:
+    """A Lightning ``.ckpt``'s ``hyper_parameters`` (or another mapping entry: ``key``; {} for other files or
+    none), its tensors left unread."""
     path = Path(path)
     if path.suffix != ".ckpt" or not path.is_file():
         return {}
@@ -228,7 +229,7 @@ def saved_hyperparameters(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # unreadable or refused: loading the weights reports it
         return {}
-    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    saved = checkpoint.get(key) if isinstance(checkpoint, dict) else None
     return dict(saved) if isinstance(saved, dict) else {}
 
 

@@ -47,6 +47,9 @@ class Classifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "check_task_classes") and self.hparams.task in getattr(datamodule, "task_classes", {}):
+            # Class folders matched to these names as for an amalgamation ('/' written '_'), in this order.
+            datamodule.check_task_classes({self.hparams.task: list(self.hparams.classes)})
         data_classes = getattr(datamodule, "task_classes", {}).get(self.hparams.task)
         if data_classes is not None and list(data_classes) != list(self.hparams.classes):
             raise ValueError(f"classifier task {self.hparams.task!r}: the data's classes {list(data_classes)} "

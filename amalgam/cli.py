@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Checkpoint,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+    TQDMProgressBar,
+)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -71,7 +77,11 @@ class AmalgamCLI(LightningCLI):
         if given is None or before is None or after is None or before.get("class_path") != after.get("class_path"):
             return
         for key in vars(given):
-            after["init_args"][key] = before["init_args"][key]
+            saved, wanted = after["init_args"].get(key), before["init_args"][key]
+            # Loss weights the user names change the run's: the checkpoint's others stay (a resumed run's
+            # objective must not fall back to the defaults for every term not named).
+            merge = key == "loss_weights" and isinstance(saved, dict) and isinstance(wanted, dict)
+            after["init_args"][key] = {**saved, **wanted} if merge else wanted
 
     def _parse_trusted_ckpt_path(self) -> None:
         """LightningCLI's ``_parse_ckpt_path`` for ``--weights_only false``: it always reads with
@@ -96,8 +106,7 @@ class AmalgamCLI(LightningCLI):
             callbacks = config["callbacks"] = [*callbacks, progress_bar()]
         if not any(isinstance(c, ExactResume) for c in callbacks):
             callbacks = config["callbacks"] = [*callbacks, ExactResume()]
-        if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint)
-                                                                          for c in callbacks):
+        if config.get("enable_checkpointing") is not False and not any(isinstance(c, Checkpoint) for c in callbacks):
             # Lightning's default, plus a last.ckpt: what `--ckpt_path last` resumes from after a crash.
             config["callbacks"] = [*callbacks, ModelCheckpoint(save_last=True)]
         plugins = config.get("plugins") or []

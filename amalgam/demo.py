@@ -139,9 +139,9 @@ def run_demo(out: str = "reports/demo", artifacts: str = DEFAULT_ARTIFACTS, teac
     m = cli.trainer.callback_metrics
     tasks = cli.model.task_names
     summary = {
-        "teachers": {t: {"acc": _metric(m, f"test/teacher/{t}/acc"), "arch": cli.model.args.teachers[i]["arch"]}
+        "teachers": {t: {"acc": _metric(m, f"test/teacher/{t}/acc"), "arch": cli.model.init_args.teachers[i]["arch"]}
                      for i, t in enumerate(tasks)},
-        "student": {"arch": cli.model.args.student["arch"],
+        "student": {"arch": cli.model.init_args.student["arch"],
                     "tasks": {t: {"acc": _metric(m, f"test/{t}/acc")} for t in tasks},
                     "acc_union": _metric(m, "test/acc_union")},
         "teachers_concat": {"acc_union": _metric(m, "test/teachers_concat/acc_union")},

@@ -197,10 +197,10 @@ class AmalgamationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        # Every argument as this class received it, read throughout. Under LightningCLI the hparams hold the
+        # Every argument as this class received it (see init_args). Under LightningCLI the hparams hold the
         # config's arguments only (what reloading the class needs), not values a subclass fixed in its own
         # super().__init__ call.
-        self.args = AttributeDict({name: value for name, value in locals().items() if name in INIT_ARGS})
+        self._received_args = {name: value for name, value in locals().items() if name in INIT_ARGS}
         self.optimizer_factory = optimizer or fused_adam
         if not teachers:
             raise ValueError("model.teachers is empty: give at least one teacher")
@@ -264,7 +264,7 @@ class AmalgamationModule(L.LightningModule):
             raise ValueError("loss_weights.union_kd imitates an earlier student's union predictions: set "
                              "model.union_teacher to a directory written by `python -m amalgam export`")
         self.union_kd_loss = SoftTargetKD("concat", temperature)
-        self._skipped_steps = 0  # training steps of this epoch with < 2 images
+        self._skipped_steps = (-1, 0)  # (epoch, its training steps with < 2 images)
         # Built only when used: its bank is checkpointed state.
         untapped = [t.task for t in self._teachers if not t.net.tapper.taps]
         if weights["neighbour"] and untapped:
@@ -292,7 +292,7 @@ class AmalgamationModule(L.LightningModule):
         return union_teacher.requires_grad_(False)
 
     def _build_task_gates(self) -> nn.ModuleDict:
-        if self.args.teacher_cache:
+        if self.init_args.teacher_cache:
             raise ValueError("loss_weights.task_gate reads the teachers' BatchNorm inputs on every step, but "
                              "model.teacher_cache skips the teachers on repeated views: turn one of them off")
         gates = {}
@@ -361,15 +361,15 @@ class AmalgamationModule(L.LightningModule):
         return self
 
     def configure_model(self) -> None:
-        if self.args.channels_last:
+        if self.init_args.channels_last:
             self.to(memory_format=torch.channels_last)
-        if self.args.compile:
+        if self.init_args.compile:
             # Every network runs TappedNetwork.forward, and dynamo counts recompiles per code object, not per
             # network: each network in each grad mode takes an entry. Three teachers and the student filled
             # the default limit (8); a fourth teacher would have run eagerly.
             networks = 1 + len(self._teachers)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * networks)
-            mode = self.args.compile_mode
+            mode = self.init_args.compile_mode
             self.student.compile(mode=mode)
             self.blocks.compile(mode=mode)
             for teacher in self._teachers:
@@ -386,11 +386,11 @@ class AmalgamationModule(L.LightningModule):
         def run(x: Tensor) -> list[Features]:
             for store in self._moments.values():
                 store.clear()
-            if self.args.teacher_flip_average:
+            if self.init_args.teacher_flip_average:
                 return [mirror_average(teacher(torch.cat([x, x.flip(-1)]))) for teacher in self._teachers]
             return [teacher(x) for teacher in self._teachers]
 
-        if not (self.args.teacher_cache and self.training):
+        if not (self.init_args.teacher_cache and self.training):
             return run(images)
         cache = self._teacher_cache
         if cache is None:
@@ -401,7 +401,7 @@ class AmalgamationModule(L.LightningModule):
         return outputs
 
     def _make_teacher_cache(self) -> TeacherCache:
-        setting = self.args.teacher_cache
+        setting = self.init_args.teacher_cache
         if setting is True:
             loader = self.trainer.train_dataloader if self._trainer else None
             dataset = getattr(loader, "dataset", None)
@@ -424,7 +424,7 @@ class AmalgamationModule(L.LightningModule):
 
     def loss_terms(self, student: Features, teachers: list[Features], common: list[CommonFeatures]
                    ) -> dict[str, Tensor]:
-        weights = self.kd_task_weights(student.logits) if self.args.kd_task_weighting else None
+        weights = self.kd_task_weights(student.logits) if self.init_args.kd_task_weighting else None
         terms = {"kd": self.kd_loss(student.logits, [t.logits for t in teachers], self.slices, weights)}
         if common:
             terms["mmd"] = sum(self.mmd_loss(c.student, c.teachers) for c in common)
@@ -443,7 +443,7 @@ class AmalgamationModule(L.LightningModule):
         log_probs = student_logits.float().log_softmax(1)
         log_task = torch.stack([log_probs[:, a:b].logsumexp(1) for a, b in self.slices], 1)
         mass = log_task.exp()
-        product = self.args.task_gate_target == "product"
+        product = self.init_args.task_gate_target == "product"
         log_odds = torch.zeros_like(mass)
         terms: dict[str, Tensor] = {}
         for index, task in enumerate(self.task_names):
@@ -470,7 +470,7 @@ class AmalgamationModule(L.LightningModule):
     def kd_task_weights(self, student_logits: Tensor) -> Tensor:
         """[B, teachers] weights of the per-slice soft-target terms (see ``kd_task_weighting``)."""
         belief = slice_mass(F.softmax(student_logits.detach().float(), dim=1), self.slices)
-        alpha = self.args.kd_task_weighting
+        alpha = self.init_args.kd_task_weighting
         return (1 - alpha) + alpha * belief / belief.mean(0, keepdim=True).clamp_min(1e-6)
 
     def neighbour_keys(self, teachers: list[Features]) -> Tensor:
@@ -487,7 +487,7 @@ class AmalgamationModule(L.LightningModule):
         return self.student_outputs(strong_view(images))
 
     def self_label_term(self, student: Features, strong: Features) -> Tensor:
-        slices = self.slices if self.args.selflabel_target == "task" else None
+        slices = self.slices if self.init_args.selflabel_target == "task" else None
         loss, kept = self.self_label(student.logits, strong.logits, slices)
         self.log("train/selflabel_kept", kept, on_step=False, on_epoch=True)
         return loss
@@ -512,14 +512,19 @@ class AmalgamationModule(L.LightningModule):
                              f"under model.loss_weights like any other")
         return sum((1.0 if name in UNWEIGHTED else self.loss_weights[name]) * value for name, value in terms.items())
 
-    def on_train_epoch_start(self) -> None:
-        self._skipped_steps = 0
+    @property
+    def init_args(self) -> AttributeDict:
+        """Every ``__init__`` argument, as received or as changed since in ``hparams`` (Lightning's learning-rate
+        finder writes ``hparams.lr``); what the module reads its settings from."""
+        changed = {k: v for k, v in self.hparams.items() if k in self._received_args}
+        return AttributeDict({**self._received_args, **changed})
 
     def on_train_epoch_end(self) -> None:
         # An epoch of skipped steps (a folder with one readable image, say) must not pass for training.
-        if self._skipped_steps and self._skipped_steps == self.trainer.num_training_batches:
+        epoch, skipped = self._skipped_steps
+        if epoch == self.current_epoch and skipped == self.trainer.num_training_batches:
             raise ValueError(f"no training step ran in epoch {self.current_epoch}: each of its "
-                             f"{self._skipped_steps} batch(es) had fewer than 2 readable images. Add images to "
+                             f"{skipped} batch(es) had fewer than 2 readable images. Add images to "
                              f"the training folder or fix the unreadable ones (logged as data/skipped).")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -540,16 +545,17 @@ class AmalgamationModule(L.LightningModule):
             # (the union prior's batch mean, the gradients). Only folders of files can lose images.
             too_few = self.trainer.strategy.reduce_boolean_decision(too_few, all=False)
         if too_few:
-            self._skipped_steps += 1
+            epoch, skipped = self._skipped_steps
+            self._skipped_steps = (self.current_epoch, skipped + 1 if epoch == self.current_epoch else 1)
             if not ddp:
                 return None
             # DDP's gradient all-reduce still runs: a zero loss through every trainable parameter joins it.
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-        if self.args.shared_strong_view:
+        if self.init_args.shared_strong_view:
             images = strong_view(images)
-        if self.args.mixup_alpha:
-            images = mix_images(images, self.args.mixup_alpha)
-        if self.args.channels_last:
+        if self.init_args.mixup_alpha:
+            images = mix_images(images, self.init_args.mixup_alpha)
+        if self.init_args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         teachers = self.teacher_outputs(images)
         student = self.student_outputs(images)
@@ -572,7 +578,7 @@ class AmalgamationModule(L.LightningModule):
         return loss
 
     def _check_finite(self, terms: dict[str, Tensor], loss: Tensor) -> None:
-        every = self.args.nan_check_every_n_steps
+        every = self.init_args.nan_check_every_n_steps
         if every <= 0 or self.global_step % every:
             return
         finite = here = bool(torch.isfinite(loss.detach()))
@@ -592,14 +598,15 @@ class AmalgamationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if stage == "fit" and getattr(datamodule, "batch_size", 2) < 2:
+        if stage == "fit" and isinstance(getattr(datamodule, "batch_size", None), int) and datamodule.batch_size < 2:
             # Every step would be skipped (see training_step): the run would end with the student untouched.
             raise ValueError(f"data.batch_size is {datamodule.batch_size}: amalgamation needs at least 2 images "
                              f"per step (the union prior, BatchNorm and MMD average over the batch); set it >= 2.")
         self.eval_tasks = list(self.task_names)
         task_classes = getattr(datamodule, "task_classes", None)
         if stage in ("validate", "test") and task_classes is not None and not task_classes:
-            raise ValueError(f"nothing to {'validate' if stage == 'validate' else 'test'}: the data has no labelled images (data.init_args.eval_dirs is "
+            what = "validate" if stage == "validate" else "test"
+            raise ValueError(f"nothing to {what}: the data has no labelled images (data.init_args.eval_dirs is "
                              f"empty). Give one folder per task with a sub-folder per class: eval_dirs: "
                              f"{{{self.task_names[0]}: path/to/folder, ...}}")
         if not task_classes:
@@ -627,7 +634,7 @@ class AmalgamationModule(L.LightningModule):
         m[f"{task}_acc"].update(logits[:, a:b], labels)
         m["union_acc"].update(logits, labels + a)
         self.union_confusion.update(logits, labels + a)
-        if self.args.evaluate_teachers:
+        if self.init_args.evaluate_teachers:
             teacher_logits = [teacher(images).logits for teacher in self._teachers]
             m[f"{task}_teacher_acc"].update(teacher_logits[t], labels)
             m[f"{task}_agreement"].update(logits[:, a:b], teacher_logits[t].argmax(1))
@@ -639,12 +646,19 @@ class AmalgamationModule(L.LightningModule):
             names |= {f"{task}_acc": f"{prefix}/{task}/acc", f"{task}_agreement": f"{prefix}/{task}/agreement",
                       f"{task}_teacher_acc": f"{prefix}/teacher/{task}/acc"}
         for key, metric in self.metrics.items():
-            if metric.update_count:
+            if self._on_any_rank(metric.update_count > 0):
                 self.log(names[key], metric.compute(), prog_bar=key == "union_acc")
             metric.reset()
-        if self.union_confusion.update_count:
+        if self._on_any_rank(self.union_confusion.update_count > 0):
             self.confusion[prefix] = self.union_confusion.compute().cpu()
         self.union_confusion.reset()
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """``flag`` on this process or another: a metric's compute() gathers from every process, so all of them
+        call it if any has data (a process whose images were all unreadable has none)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
 
     @property
     def union_classes(self) -> list[tuple[str, str]]:
@@ -673,7 +687,7 @@ class AmalgamationModule(L.LightningModule):
     # Optimisation: separate groups for the student backbone, its head, and the common-feature blocks
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        hp = self.args
+        hp = self.init_args
         classifier = classifier_of(self.student.model)
         head = set(classifier.parameters()) if classifier is not None else set()
         backbone = [p for p in self.student.parameters() if p not in head]
@@ -692,7 +706,7 @@ class AmalgamationModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameter_groups())
-        hp = self.args
+        hp = self.init_args
         if hp.scheduler == "none":
             return optimizer
         if hp.scheduler == "step":
@@ -709,7 +723,8 @@ class AmalgamationModule(L.LightningModule):
             hparams["optimizer"] = None
         # The networks as built, for export: a subclass may build its student or teachers itself, so the
         # hyper-parameters alone need not name them.
-        checkpoint["amalgam"] = {"student": dict(self.args.student), "teachers": [dict(t) for t in self.args.teachers]}
+        args = self.init_args
+        checkpoint["amalgam"] = {"student": dict(args.student), "teachers": [dict(t) for t in args.teachers]}
         # Never replace a good checkpoint with broken weights: raising here aborts this save before any file
         # is touched (and the run with it), so the last good checkpoint stays the one to resume from.
         broken = [k for k, v in checkpoint.get("state_dict", {}).items()

@@ -44,8 +44,10 @@ def saved_preprocessing(checkpoint: str) -> dict[str, Any]:
     """input_size, mean, std (and classes) that an amalgam checkpoint saved: an ``amalgam.Classifier``'s own,
     or an ``AmalgamationModule``'s student's. Other projects' hyper-parameters may use these names for other
     things (timm's ``input_size`` is ``[3, H, W]``): only well-formed values of amalgam's checkpoints count."""
-    saved = saved_hyperparameters(checkpoint)
-    if isinstance(saved.get("student"), dict) and "teachers" in saved:  # a student used as a teacher
+    saved, built = saved_hyperparameters(checkpoint), saved_hyperparameters(checkpoint, "amalgam")
+    if isinstance(built.get("student"), dict):  # a student used as a teacher (its network as built)
+        saved = built["student"]
+    elif isinstance(saved.get("student"), dict) and "teachers" in saved:  # the same, in an older checkpoint
         saved = saved["student"]
     elif not ("arch" in saved and "classes" in saved):
         return {}

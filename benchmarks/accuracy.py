@@ -496,7 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", default="artifacts/bench-accuracy", help="teacher checkpoints are cached here")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     p.add_argument("--runs-log", help="append each finished run to this JSON-lines file as it ends, so a run "
-                                      "that is stopped midway keeps what it finished")
+                                      "that is stopped midway keeps what it finished (with --jobs: as each "
+                                      "process ends; each keeps its own as they end, under --work/<preset>/logs)")
     p.add_argument("--teachers-only", action="store_true",
                    help="train (or find cached under --work) the teachers of --settings and --seeds, then stop; "
                         "a later run with the same --work reuses them")
@@ -536,17 +537,18 @@ def main(argv: list[str] | None = None) -> dict:
     check_runs(runs)
     results = summarize(runs)
     results["_meta"] = {**meta, "command": command}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
     print(table({k: v for k, v in results.items() if not k.startswith("_")}))
     if errors := cross_task_errors(runs):
         print(errors)
     if args.paired:
         print(paired_table(runs, args.paired))
+    if failed:  # what finished is shown above; a partial grid is not written over --out
+        raise SystemExit("\n".join([*failed, f"[accuracy] {args.out} not written: the finished runs are in the "
+                                               f"logs named above (python benchmarks/accuracy.py --from-runs ...)"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out} ({results['_meta']['seconds']} s of runs)")
-    if failed:  # what finished is summarised above; the failures end the command with an error
-        raise SystemExit("\n".join(failed))
     return results
 
 

@@ -73,7 +73,7 @@ class ReferenceStep:
     """The published step on copies of ``module``'s networks; ``step(images)`` trains once, returns floats."""
 
     def __init__(self, module: AmalgamationModule) -> None:
-        hp = module.args
+        hp = module.init_args
         self.student = _Net(module.student, module.student.tap_shapes())
         self.teachers = [_Net(t.net, t.net.tap_shapes()) for t in module.teachers]
         for t in self.teachers:

@@ -536,6 +536,14 @@ def test_class_names_with_a_slash_or_decomposed_accents_find_their_folders(tmp_p
     assert by_label == {0: 255, 1: pytest.approx(128, abs=1), 2: 0}
     with pytest.raises(ValueError, match="would share one evaluation folder"):
         dm.check_task_classes({"c": ["a/b", "a_b", "Coat"]})
+    # A Classifier validated on these folders matches its class names the same way.
+    from amalgam import Classifier
+
+    classifier = Classifier(classes=["T-shirt/top", "Coat", "Café"], task="c", arch="resnet10t", input_size=8)
+    dm = ImageFolderDataModule(str(root), eval_dirs={"c": str(root)}, image_size=8, batch_size=2, num_workers=0)
+    classifier.trainer = SimpleNamespace(datamodule=dm)
+    classifier.setup("validate")
+    assert dm.task_classes == {"c": ["T-shirt/top", "Coat", "Café"]}
 
 
 def test_eval_class_mismatch_names_both_sides(tmp_path):

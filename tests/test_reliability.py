@@ -82,8 +82,10 @@ def test_a_batch_of_one_image_skips_the_step_and_under_ddp_every_process_skips_i
     model.log = lambda *args, **kwargs: None  # no trainer to log to
     folder = SimpleNamespace(skipped_total=7)  # a data module that drops unreadable files
     one, four = torch.rand(1, 3, 32, 32), torch.rand(4, 3, 32, 32)
-    model.trainer = SimpleNamespace(world_size=1, datamodule=folder, training=True)
-    assert model.training_step(one, 0) is None
+    model.trainer = SimpleNamespace(world_size=1, datamodule=folder, training=True, current_epoch=0)
+    assert model.training_step(one, 0) is None and model.training_step(one, 1) is None
+    model.trainer.current_epoch = 1  # the count is per epoch, whatever hooks a subclass overrides
+    assert model.training_step(one, 0) is None and model._skipped_steps == (1, 1)
     # Under DDP the decision is shared: a process with 4 good images skips too when another has too few,
     # since the others would wait for it in the step's all-reduces. Every process still runs backward.
     decisions = []
@@ -92,7 +94,7 @@ def test_a_batch_of_one_image_skips_the_step_and_under_ddp_every_process_skips_i
         decisions.append((decision, all))
         return True  # some process has fewer than 2 images
 
-    model.trainer = SimpleNamespace(world_size=2, datamodule=folder, training=True,
+    model.trainer = SimpleNamespace(world_size=2, datamodule=folder, training=True, current_epoch=0,
                                     strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision))
     for images in (one, four):
         loss = model.training_step(images, 0)
@@ -144,6 +146,26 @@ def test_validate_without_labelled_folders_says_what_to_give(tmp_path, image_tre
     cfg = amalgam_config(tmp_path, {**image_tree, "eval": {}}, [teacher("a", "resnet")], student())
     code, err = run_entry(["validate", "--config", str(cfg)], capsys)
     assert code == 1 and "nothing to validate" in err and "eval_dirs" in err and "Traceback" not in err
+
+
+def test_under_ddp_every_process_computes_a_metric_that_any_process_updated():
+    """A process whose evaluation images were all unreadable still joins compute()'s gather."""
+    from types import SimpleNamespace
+
+    model = AmalgamationModule([teacher("a", "resnet")], student(), block_width=8, block_depth=1)
+    logged, decisions = [], []
+    model.log = lambda name, value, **kwargs: logged.append(name)
+
+    def reduce_boolean_decision(decision, all):
+        decisions.append(decision)
+        return True  # another process has data
+
+    model.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchmetrics: compute() before update() on this process
+        model._log_eval("val")
+    assert decisions and not any(decisions)  # nothing was updated here
+    assert "val/acc_union" in logged and "val" in model.confusion
 
 
 def test_small_map_convolutions_take_an_empty_batch():

@@ -82,11 +82,11 @@ def test_a_loss_term_without_a_weight_is_named(tmp_path, image_tree, capsys):
 def test_a_subclass_that_fixes_base_arguments_runs_and_reloads(tmp_path, image_tree):
     cfg = _fit(tmp_path, image_tree, "SlicePreset", enable_checkpointing=True)
     cli = main(["fit", "--config", str(cfg)])
-    assert cli.model.args.scheduler == "none" and cli.model.args.kd == "slice" and cli.model.args.temperature == 4.0
+    assert cli.model.init_args.scheduler == "none" and cli.model.init_args.kd == "slice" and cli.model.init_args.temperature == 4.0
     assert "scheduler" not in cli.model.hparams  # the saved arguments are the config's: the class reloads from them
     (ckpt,) = (tmp_path / "run").rglob("last.ckpt")
     again = main(["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)])
-    assert again.trainer.global_step == 3 and again.model.args.temperature == 4.0
+    assert again.trainer.global_step == 3 and again.model.init_args.temperature == 4.0
 
 
 def test_a_subclass_that_builds_its_student_exports(tmp_path, image_tree, capsys):
@@ -118,6 +118,7 @@ def test_the_config_outranks_the_hyper_parameters_a_checkpoint_saved(tmp_path, i
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, weights[task])
     teachers = [teacher("a", "resnet", checkpoint=str(weights["a"])), teacher("b", "vit", checkpoint=str(weights["b"]))]
     cfg = amalgam_config(tmp_path, image_tree, teachers, student(),
+                         model_args={"loss_weights": {"mmd": 1.0, "recon": 1.0, "entropy": 0.3}},
                          trainer={"max_steps": 1, "limit_val_batches": 0, "enable_checkpointing": True})
     main(["fit", "--config", str(cfg)])
     (ckpt,) = (tmp_path / "run").rglob("last.ckpt")
@@ -127,12 +128,30 @@ def test_the_config_outranks_the_hyper_parameters_a_checkpoint_saved(tmp_path, i
         entry["checkpoint"] = entry["checkpoint"].replace("/old/", "/new/")
     cfg.write_text(yaml.safe_dump(config))
     cli = main(["test", "--config", str(cfg), "--ckpt_path", str(ckpt), "--model.init_args.evaluate_teachers", "false"])
-    assert [t["checkpoint"] for t in cli.model.args.teachers] == [str(tmp_path / "new" / f"{t}.safetensors")
+    assert [t["checkpoint"] for t in cli.model.init_args.teachers] == [str(tmp_path / "new" / f"{t}.safetensors")
                                                                   for t in "ab"]
     metrics = cli.trainer.callback_metrics
     assert "test/a/acc" in metrics and not any("teacher" in k for k in metrics)
-    # What the config leaves out still comes from the checkpoint: here block_width (8 there, 128 by default).
-    del config["model"]["init_args"]["block_width"]
+    # What the config leaves out still comes from the checkpoint: here block_width (8 there, 128 by default)
+    # and the loss weights, of which a dotted key changes one.
+    del config["model"]["init_args"]["block_width"], config["model"]["init_args"]["loss_weights"]
     cfg.write_text(yaml.safe_dump(config))
-    cli = main(["test", "--config", str(cfg), "--ckpt_path", str(ckpt)])
-    assert cli.model.args.block_width == 8  # and the checkpoint's weights fit its blocks
+    cli = main(["test", "--config", str(cfg), "--ckpt_path", str(ckpt), "--model.init_args.loss_weights.selflabel",
+                "0.5"])
+    assert cli.model.init_args.block_width == 8  # and the checkpoint's weights fit its blocks
+    assert {k: cli.model.loss_weights[k] for k in ("mmd", "recon", "entropy", "selflabel")} == {
+        "mmd": 1.0, "recon": 1.0, "entropy": 0.3, "selflabel": 0.5}
+
+
+def test_a_learning_rate_set_in_hparams_after_init_reaches_the_optimizer():
+    model = AmalgamationModule([teacher("a", "resnet")], student(), block_width=8, block_depth=1, lr=1e-3)
+    model.hparams.lr = 0.25  # what Lightning's learning-rate finder does with its suggestion
+    assert {g["lr"] for g in model.parameter_groups()} == {0.25}
+
+
+def test_a_config_with_its_own_checkpoint_callback_gets_no_second_one(tmp_path, image_tree):
+    callback = {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint",
+                "init_args": {"dirpath": str(tmp_path / "crash")}}
+    cfg = _fit(tmp_path, image_tree, "SlicePreset", enable_checkpointing=True, callbacks=[callback])
+    trainer = main(["--config", str(cfg)], run=False).trainer
+    assert [type(c).__name__ for c in trainer.checkpoint_callbacks] == ["OnExceptionCheckpoint"]
