@@ -546,6 +546,18 @@ def test_class_names_with_a_slash_or_decomposed_accents_find_their_folders(tmp_p
     assert dm.task_classes == {"c": ["T-shirt/top", "Coat", "Café"]}
 
 
+def test_images_are_read_at_the_model_s_input_size_unless_given(tmp_path):
+    pets = write_eval_folder(tmp_path / "pets")
+    dm = ImageFolderDataModule(str(pets), num_workers=0, batch_size=2)
+    assert dm.image_size == 224  # no model to ask
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(student=SimpleNamespace(input_size=20)),
+                                 training=False)
+    assert dm.image_size == 20
+    images, _ = dm.on_after_batch_transfer(next(iter(dm.predict_dataloader())).batch, 0)
+    assert images.shape[-2:] == (20, 20)
+    assert ImageFolderDataModule(str(pets), image_size=12, num_workers=0).image_size == 12
+
+
 def test_eval_class_mismatch_names_both_sides(tmp_path):
     pets = write_eval_folder(tmp_path / "pets")
     dm = ImageFolderDataModule(str(pets), eval_dirs={"pets": str(pets)}, num_workers=0)

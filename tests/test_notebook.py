@@ -19,6 +19,6 @@ def test_quickstart_notebook_executes(monkeypatch, tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3, "the notebook should show the accuracy chart, the confusion and the common space"
-    assert any("student says:" in o.get("text", "") for o in outputs)
+    assert any("student says" in o.get("text", "") and "true class" in o.get("text", "") for o in outputs)
     assert (tmp_path / "reports" / "quickstart" / "summary.json").exists()
     assert (tmp_path / "reports" / "quickstart" / "confusion_test.png").exists()

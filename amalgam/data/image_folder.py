@@ -56,6 +56,7 @@ class ImageFolderDataModule(AmalgamDataModule):
             Call `check_task_classes` with the teachers' class names to label in their order.
         predict_dir: Folder of images to predict on; `train_dir` when None.
         image_size: Side S of the square images: the shorter side is resized to S, then center-cropped.
+            Default: the input size of the model being trained or run (its student's), else 224.
         batch_size: Training batch size.
         eval_batch_size: Batch size for validation, test and predict; `batch_size` when None.
         num_workers: DataLoader worker processes that read and decode the files.
@@ -69,7 +70,7 @@ class ImageFolderDataModule(AmalgamDataModule):
         train_dir: str,
         eval_dirs: dict[str, str] | None = None,
         predict_dir: str | None = None,
-        image_size: int = 224,
+        image_size: int | None = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
@@ -102,7 +103,7 @@ class ImageFolderDataModule(AmalgamDataModule):
         self.task_classes = {
             task: [folder_name(name) for name in class_folders(folder)] for task, folder in self.eval_dirs.items()
         }
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self._image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.eval_batch_size = eval_batch_size or batch_size
         self.padding, self.flip, self.strict = padding, flip, strict
         self.skipped_files: set[str] = set()
@@ -134,6 +135,18 @@ class ImageFolderDataModule(AmalgamDataModule):
                     f"Rename the sub-folders to the teacher's class names ('/' written as '_')."
                 )
             self.task_classes[task] = list(expected[task])
+
+    @property
+    def image_size(self) -> int:
+        """The side images are read at: as given, else the model's own input size (no resize twice over)."""
+        if self._image_size:
+            return self._image_size
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        for name in ("student", "net"):  # AmalgamationModule, Classifier
+            size = getattr(getattr(module, name, None), "input_size", None)
+            if isinstance(size, int):
+                return size
+        return 224
 
     @property
     def skipped_total(self) -> int:
