@@ -152,9 +152,9 @@ def student_config_from_checkpoint(checkpoint: dict[str, Any], source: str = "")
             "mean": [round(float(v), 6) for v in net.mean.flatten()],
             "std": [round(float(v), 6) for v in net.std.flatten()],
             # What the data pipeline did to image files before that: shorter side to image_size, center crop.
-            "image_size": data.get("image_size"),
-            "input": "RGB NCHW, float in [0, 1] or uint8; resized (bilinear, antialiased) to input_size, "
-                     "then normalised",
+            "image_size": (checkpoint.get("amalgam") or {}).get("image_size") or data.get("image_size"),
+            "input": "float RGB in [0, 1], NCHW (amalgam's Student also takes uint8); resized (bilinear, "
+                     "antialiased) to input_size, then normalised",
         },
         "source": {"checkpoint": source, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")},
         "amalgam_version": __version__,

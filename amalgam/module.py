@@ -515,8 +515,11 @@ class AmalgamationModule(L.LightningModule):
     @property
     def init_args(self) -> AttributeDict:
         """Every ``__init__`` argument, as received or as changed since in ``hparams`` (Lightning's learning-rate
-        finder writes ``hparams.lr``); what the module reads its settings from."""
-        changed = {k: v for k, v in self.hparams.items() if k in self._received_args}
+        finder writes ``hparams.lr``); what the module reads its settings from. Only a change counts: a
+        subclass's own argument of the same name (a preset key it turns into ``student``) is not the base's."""
+        initial = self.hparams_initial
+        changed = {k: v for k, v in self.hparams.items()
+                   if k in self._received_args and (k not in initial or _differs(v, initial[k]))}
         return AttributeDict({**self._received_args, **changed})
 
     def on_train_epoch_end(self) -> None:
@@ -725,6 +728,9 @@ class AmalgamationModule(L.LightningModule):
         # hyper-parameters alone need not name them.
         args = self.init_args
         checkpoint["amalgam"] = {"student": dict(args.student), "teachers": [dict(t) for t in args.teachers]}
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(getattr(datamodule, "image_size", None), int):  # the size image files were read at
+            checkpoint["amalgam"]["image_size"] = datamodule.image_size
         # Never replace a good checkpoint with broken weights: raising here aborts this save before any file
         # is touched (and the run with it), so the last good checkpoint stays the one to resume from.
         broken = [k for k, v in checkpoint.get("state_dict", {}).items()
@@ -737,6 +743,13 @@ class AmalgamationModule(L.LightningModule):
 
 
 INIT_ARGS = tuple(inspect.signature(AmalgamationModule.__init__).parameters)[1:]
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # values that do not compare (tensors of other shapes): treat as changed
+        return a is not b
 
 
 def finite_steps(trainer: L.Trainer, why: str) -> int:

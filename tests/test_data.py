@@ -555,6 +555,10 @@ def test_images_are_read_at_the_model_s_input_size_unless_given(tmp_path):
     assert dm.image_size == 20
     images, _ = dm.on_after_batch_transfer(next(iter(dm.predict_dataloader())).batch, 0)
     assert images.shape[-2:] == (20, 20)
+    # No teacher sees an upsampled image: the largest of the networks' sizes.
+    teachers = [SimpleNamespace(net=SimpleNamespace(input_size=s)) for s in (24, 16)]
+    dm.trainer.lightning_module.teachers = teachers
+    assert dm.image_size == 24
     assert ImageFolderDataModule(str(pets), image_size=12, num_workers=0).image_size == 12
 
 

@@ -41,6 +41,19 @@ class SlicePreset(AmalgamationModule):
         super().__init__(teachers, student, kd="slice", temperature=4.0, scheduler="none", **kwargs)
 
 
+class NamedStudent(AmalgamationModule):
+    """Takes its own ``student`` (a name) and turns it into the base class's (a config)."""
+
+    def __init__(self, teachers, student: str = "tiny", **kwargs) -> None:
+        super().__init__(teachers, {"tiny": globals()["student"]()}[student], **kwargs)
+
+
+def test_a_subclass_argument_named_like_a_base_argument_is_not_the_base_s():
+    model = NamedStudent([teacher("a", "resnet")], "tiny", block_width=8, block_depth=1)
+    assert model.hparams.student == "tiny" and model.init_args.student == student()
+    assert model.init_args.block_width == 8
+
+
 class FixedStudent(AmalgamationModule):
     """Builds its student itself: only a width comes from YAML."""
 
@@ -91,11 +104,15 @@ def test_a_subclass_that_fixes_base_arguments_runs_and_reloads(tmp_path, image_t
 
 def test_a_subclass_that_builds_its_student_exports(tmp_path, image_tree, capsys):
     cfg = _fit(tmp_path, image_tree, "FixedStudent", {"width": 6}, enable_checkpointing=True)
+    config = yaml.safe_load(cfg.read_text())
+    del config["data"]["init_args"]["image_size"]  # read at the networks' size, which the export records
+    cfg.write_text(yaml.safe_dump(config))
     cli = main(["fit", "--config", str(cfg)])
     (ckpt,) = (tmp_path / "run").rglob("last.ckpt")
     assert entry_point(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "student")]) == 0, \
         capsys.readouterr().err
     exported = load_student(tmp_path / "student")
+    assert exported.config["preprocessing"]["image_size"] == SIZE == exported.image_size
     images = torch.rand(3, 3, SIZE, SIZE)
     cli.model.eval()
     torch.testing.assert_close(exported(images), cli.model(images))

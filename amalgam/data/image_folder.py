@@ -56,7 +56,8 @@ class ImageFolderDataModule(AmalgamDataModule):
             Call `check_task_classes` with the teachers' class names to label in their order.
         predict_dir: Folder of images to predict on; `train_dir` when None.
         image_size: Side S of the square images: the shorter side is resized to S, then center-cropped.
-            Default: the input size of the model being trained or run (its student's), else 224.
+            Default: the largest input size of the model's networks (student and teachers, so that no
+            teacher sees an upsampled image; a Classifier's own), else 224.
         batch_size: Training batch size.
         eval_batch_size: Batch size for validation, test and predict; `batch_size` when None.
         num_workers: DataLoader worker processes that read and decode the files.
@@ -138,15 +139,15 @@ class ImageFolderDataModule(AmalgamDataModule):
 
     @property
     def image_size(self) -> int:
-        """The side images are read at: as given, else the model's own input size (no resize twice over)."""
+        """The side images are read at: as given, else the largest input size of the model's networks."""
         if self._image_size:
             return self._image_size
         module = self.trainer.lightning_module if self.trainer is not None else None
-        for name in ("student", "net"):  # AmalgamationModule, Classifier
-            size = getattr(getattr(module, name, None), "input_size", None)
-            if isinstance(size, int):
-                return size
-        return 224
+        # AmalgamationModule: its student and teachers; Classifier: its network.
+        nets = [getattr(module, "student", None), getattr(module, "net", None)]
+        nets += [getattr(t, "net", None) for t in getattr(module, "teachers", None) or []]
+        sizes = [n.input_size for n in nets if isinstance(getattr(n, "input_size", None), int)]
+        return max(sizes, default=224)
 
     @property
     def skipped_total(self) -> int:
