@@ -1,6 +1,6 @@
 """Accuracy of amalgamated students against the paper's baselines, on real Fashion-MNIST.
 
-    python benchmarks/accuracy.py                      # CPU preset: slim models, short schedule, a process per core
+    python benchmarks/accuracy.py                      # CPU preset: slim models, a process per core (33 min on 2 cores)
     python benchmarks/accuracy.py --preset gpu         # the full schedule (resnet18 student, 30 epochs)
     python benchmarks/accuracy.py --preset cpu_bn      # the CPU preset with BatchNorm teachers only
     python benchmarks/accuracy.py --settings S2 --seeds 0 --methods kd_slice amalgam   # a slice of the grid
