@@ -26,12 +26,17 @@ class CommonFeatures:
     targets: list[Tensor]  # the teacher features the decoders must reproduce (resampled to the grid)
 
 
+# No batch statistics anywhere in a block (as in the authors' code, whose BatchNorm is commented out): the
+# student's and each teacher's features pass through it side by side, and a BatchNorm would mix them, so that
+# one network's loss trained another's adapter (reconstruction reaching the student) and each network's common
+# features depended on the others in the batch.
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, padding=1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -39,7 +44,7 @@ class ResidualBlock(nn.Module):
 
 
 def _map_adapter(c_in: int, width: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(c_in, width, 1), nn.ReLU(inplace=True))  # the paper's 1x1 conv + ReLU
 
 
 def _map_decoder(width: int, c_out: int) -> nn.Module:
@@ -103,7 +108,8 @@ class CommonFeatureBlock(nn.Module):
             teachers = [t.to(weight.dtype) for t in teachers]
         targets = [self.align(t) for t in teachers]
         adapted = [self.student_adapter(student)] + [a(t) for a, t in zip(self.teacher_adapters, targets)]
-        # One extractor pass over all networks' features: a larger batch, and shared normalisation statistics.
+        # One extractor pass over all networks' features, for speed: with no batch statistics in the block it
+        # computes exactly what a pass per network would.
         h_s, *h_ts = self.extractor(torch.cat(adapted)).split([a.shape[0] for a in adapted])
         recons = [decoder(h) for decoder, h in zip(self.decoders, h_ts)]
         return CommonFeatures(h_s, h_ts, recons, targets)

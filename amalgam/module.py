@@ -33,6 +33,7 @@ from amalgam.losses import (
     TaskGate,
     UnionPrior,
     ViewContrast,
+    batch_mean,
     batchnorm_moments,
     gated_task_loss,
     slice_mass,
@@ -471,7 +472,8 @@ class AmalgamationModule(L.LightningModule):
         """[B, teachers] weights of the per-slice soft-target terms (see ``kd_task_weighting``)."""
         belief = slice_mass(F.softmax(student_logits.detach().float(), dim=1), self.slices)
         alpha = self.init_args.kd_task_weighting
-        return (1 - alpha) + alpha * belief / belief.mean(0, keepdim=True).clamp_min(1e-6)
+        # Relative to the mean belief over the whole batch: under DDP every process's (losses.batch_mean).
+        return (1 - alpha) + alpha * belief / batch_mean(belief).unsqueeze(0).clamp_min(1e-6)
 
     def neighbour_keys(self, teachers: list[Features]) -> Tensor:
         """Where the ``neighbour`` term looks for neighbours: each teacher's last tap (feature maps averaged

@@ -120,8 +120,7 @@ class ReferenceStep:
                         F.interpolate(t, size=grid, mode="bilinear", align_corners=False,
                                       antialias=t.shape[-2] > grid[0] or t.shape[-1] > grid[1]) for t in f_ts]
             adapted = [block.student_adapter(f_s)] + [a(t) for a, t in zip(block.teacher_adapters, f_ts)]
-            h = block.extractor(torch.cat(adapted)).split([a.shape[0] for a in adapted])
-            h_s, h_ts = h[0], h[1:]
+            h_s, *h_ts = [block.extractor(a) for a in adapted]  # one pass per network, as the authors
             for i, h_t in enumerate(h_ts):
                 terms["mmd"] = terms["mmd"] + self.mmd2(h_s, h_t)
                 terms["recon"] = terms["recon"] + ((block.decoders[i](h_t) - f_ts[i]) ** 2).mean()

@@ -251,6 +251,35 @@ def test_common_feature_block_aligns_teacher_maps_to_the_student_grid_using_ever
     assert torch.allclose(out.targets[0].mean((2, 3)), vit.mean((2, 3)), atol=0.2)
 
 
+@pytest.mark.parametrize("shapes", [((8, 3, 3), [(6, 3, 3), (5, 3, 3)]), ((8,), [(6,), (5,)])], ids=["map", "vector"])
+def test_common_space_terms_train_only_the_branches_the_method_says(shapes):
+    """The networks pass through the block side by side: nothing may mix them (no batch statistics), so each
+    term trains only its own branches, and a network's common features do not depend on the others'."""
+    from amalgam.common_feature import CommonFeatureBlock
+
+    torch.manual_seed(0)
+    block = CommonFeatureBlock(shapes[0], shapes[1], width=4, depth=2).train()
+    feats = [torch.randn(4, *shape) for shape in [shapes[0], *shapes[1]]]
+    out = block(feats[0], feats[1:])
+
+    def grads(loss):
+        block.zero_grad()
+        loss.backward(retain_graph=True)
+        return [sum(p.grad.abs().sum() for p in m.parameters() if p.grad is not None)
+                for m in (block.student_adapter, *block.teacher_adapters)]
+
+    # Reconstruction of teacher 0 trains the extractor, teacher 0's adapter and decoder: not the student's
+    # adapter, nor teacher 1's.
+    student_a, teacher0_a, teacher1_a = grads(((out.reconstructions[0] - out.targets[0]) ** 2).mean())
+    assert student_a == 0 and teacher1_a == 0 and teacher0_a > 0
+    # The student-teacher 0 discrepancy leaves teacher 1's adapter alone.
+    student_a, teacher0_a, teacher1_a = grads((out.student - out.teachers[0]).pow(2).mean())
+    assert teacher1_a == 0 and student_a > 0 and teacher0_a > 0
+    # Another student batch leaves the teachers' common features as they were.
+    again = block(torch.randn_like(feats[0]), feats[1:])
+    torch.testing.assert_close(again.teachers[0], out.teachers[0], rtol=0, atol=0)
+
+
 def test_mismatched_tap_kinds_cannot_align():
     with pytest.raises(ValueError, match="Cannot align"):
         AmalgamationModule([teacher("a", "resnet", "vector"), teacher("b", "vit", "map")], student("map"))
