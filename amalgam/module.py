@@ -394,10 +394,11 @@ class AmalgamationModule(L.LightningModule):
         if not (self.init_args.teacher_cache and self.training):
             return run(images)
         cache = self._teacher_cache
-        if cache is None:
+        first = cache is None
+        if first:
             cache = self._teacher_cache = self._make_teacher_cache()
         outputs = cache(images, run)
-        if self.global_step == 0 and self._trainer is not None:
+        if first and self._trainer is not None:  # its size is known once it holds a first batch
             rank_zero_info(f"teacher cache: up to {cache.capacity} views, {cache.nbytes() / 2 ** 20:.0f} MiB")
         return outputs
 

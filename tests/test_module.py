@@ -326,6 +326,22 @@ def test_ddp_two_processes_on_cpu(tmp_path, image_tree):
     assert all(k.startswith(("student.", "blocks.")) for k in state)
 
 
+def test_ddp_validation_scores_every_image_exactly_once(tmp_path, image_tree):
+    """9 images of task b on 2 processes: Lightning's default sampler would score one of them twice."""
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
+                         trainer={"strategy": "ddp", "devices": 2})
+    script = tmp_path / "validate.py"
+    script.write_text("import sys\nfrom amalgam.cli import main\ncli = main(sys.argv[1:])\n"
+                      "if cli.trainer.global_rank == 0:\n"
+                      "    print('SCORED', int(cli.model.confusion['val'].sum()))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(script), "validate", "--config", str(cfg)], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    images = sum(len(list(Path(image_tree["eval"][t]).rglob("*.png"))) for t in ("a", "b"))
+    assert f"SCORED {images}" in out.stdout, out.stdout[-2000:]
+
+
 def test_wandb_logger_preset_offline_records_config(tmp_path, image_tree, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

@@ -6,7 +6,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
+from torch.utils.data import Sampler
 
 from amalgam.data.augment import random_crop_flip, to_float
 
@@ -14,6 +16,16 @@ from amalgam.data.augment import random_crop_flip, to_float
 def pin_memory_default() -> bool:
     # Pinned host memory only pays off when batches go to a CUDA device.
     return torch.cuda.is_available()
+
+
+def eval_sampler(trainer: Any, dataset: Any) -> Sampler | None:
+    """Under DDP, each process's share of an evaluation set, every image exactly once. Lightning's default
+    sampler pads the shares to one length by repeating images, which would count those twice in the accuracies
+    and the confusion (metrics gather over processes at the end, so unequal shares are fine)."""
+    if trainer is None or getattr(trainer, "world_size", 1) == 1:
+        return None
+    return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                        shuffle=False)
 
 
 class AmalgamDataModule(pl.LightningDataModule):

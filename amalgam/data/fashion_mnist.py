@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from amalgam.callbacks import ExactResume
-from amalgam.data.base import AmalgamDataModule, pin_memory_default
+from amalgam.data.base import AmalgamDataModule, eval_sampler, pin_memory_default
 from amalgam.data.idx import read_idx
 from amalgam.data.in_memory import InMemoryImages, collate_batched
 
@@ -212,7 +212,8 @@ class FashionMNISTDataModule(AmalgamDataModule):
 
     def _loader(self, dataset: InMemoryImages, batch_size: int, train: bool) -> DataLoader:
         # Training order is a function of (seed, epoch), resumable mid-epoch (amalgam.callbacks.ExactResume).
-        sampler = ExactResume.sampler_for(self.trainer, len(dataset), batch_size) if train else None
+        sampler = (ExactResume.sampler_for(self.trainer, len(dataset), batch_size) if train
+                   else eval_sampler(self.trainer, dataset))
         return DataLoader(
             dataset,
             batch_size=batch_size,

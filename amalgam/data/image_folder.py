@@ -9,7 +9,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from amalgam.callbacks import ExactResume
-from amalgam.data.base import AmalgamDataModule, pin_memory_default
+from amalgam.data.base import AmalgamDataModule, eval_sampler, pin_memory_default
 from amalgam.data.image_files import CollateSkipping, ImageFiles, SkipCounted, find_images, scan_images
 
 
@@ -192,7 +192,8 @@ class ImageFolderDataModule(AmalgamDataModule):
 
     def _loader(self, dataset: ImageFiles, batch_size: int, train: bool) -> DataLoader:
         # Training order is a function of (seed, epoch), resumable mid-epoch (amalgam.callbacks.ExactResume).
-        sampler = ExactResume.sampler_for(self.trainer, len(dataset), batch_size) if train else None
+        sampler = (ExactResume.sampler_for(self.trainer, len(dataset), batch_size) if train
+                   else eval_sampler(self.trainer, dataset))
         return DataLoader(
             dataset,
             batch_size=batch_size,
