@@ -202,6 +202,7 @@ class AmalgamationModule(L.LightningModule):
         # config's arguments only (what reloading the class needs), not values a subclass fixed in its own
         # super().__init__ call.
         self._received_args = {name: value for name, value in locals().items() if name in INIT_ARGS}
+        self._hparams_at_init = dict(self.hparams)  # shallow: what init_args compares against, cheaply
         self.optimizer_factory = optimizer or fused_adam
         if not teachers:
             raise ValueError("model.teachers is empty: give at least one teacher")
@@ -520,9 +521,9 @@ class AmalgamationModule(L.LightningModule):
         """Every ``__init__`` argument, as received or as changed since in ``hparams`` (Lightning's learning-rate
         finder writes ``hparams.lr``); what the module reads its settings from. Only a change counts: a
         subclass's own argument of the same name (a preset key it turns into ``student``) is not the base's."""
-        initial = self.hparams_initial
-        changed = {k: v for k, v in self.hparams.items()
-                   if k in self._received_args and (k not in initial or _differs(v, initial[k]))}
+        initial = self._hparams_at_init  # not hparams_initial: a deep copy on every read, and this is read per step
+        changed = {k: v for k, v in self.hparams.items() if k in self._received_args
+                   and (k not in initial or (v is not initial[k] and _differs(v, initial[k])))}
         return AttributeDict({**self._received_args, **changed})
 
     def on_train_epoch_end(self) -> None:
