@@ -89,7 +89,8 @@ class AmalgamCLI(LightningCLI):
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        hparams = torch.load(ckpt_path, weights_only=False, map_location="cpu").get("hyper_parameters", {})
+        # Reached only with the user's own --weights_only false for this file; mmap: the weights stay unread.
+        hparams = torch.load(ckpt_path, weights_only=False, map_location="cpu", mmap=True).get("hyper_parameters", {})
         hparams.pop("_instantiator", None)
         if not hparams:
             return
