@@ -103,8 +103,10 @@ class SoftTargetKD(nn.Module):
     ``mode="concat"`` (the paper): softmax over the whole union against the softmax of the concatenated
     teacher logits, at temperature T (paper T=1). Computed as KL, which differs from the paper's
     cross-entropy only by the teachers' entropy, a constant: same gradients.
-    ``mode="slice"``: one KL per teacher on that teacher's slice of the union, scaled by T^2; it never
-    compares teachers that never saw each other's classes.
+    ``mode="slice"``: one KL per teacher on that teacher's slice of the union; it never compares teachers
+    that never saw each other's classes.
+    Both modes are scaled by T^2, which keeps the gradients' size independent of T (Hinton et al.); a
+    teacher logit of ``-inf`` (a class it masks) is a probability of 0 and contributes nothing.
 
     ``slices`` gives each teacher's ``(start, stop)`` in the union, in teacher order. In slice mode,
     ``weights`` [B, teachers] may weigh each image's term per teacher (the batch mean is then a weighted mean:
@@ -123,6 +125,13 @@ class SoftTargetKD(nn.Module):
     def forward(self, student_logits: Tensor, teacher_logits: Sequence[Tensor],
                 slices: Sequence[tuple[int, int]], weights: Tensor | None = None) -> Tensor:
         t = self.temperature
+        if len(slices) != len(teacher_logits):
+            raise ValueError(f"KD got {len(teacher_logits)} teachers' logits but {len(slices)} slices: give one "
+                             "(start, stop) per teacher, in teacher order")
+        for i, ((a, b), z) in enumerate(zip(slices, teacher_logits)):
+            if b - a != z.shape[1]:
+                raise ValueError(f"KD: teacher {i} gives {z.shape[1]} logits but its slice ({a}, {b}) holds "
+                                 f"{b - a} classes of the union")
         with torch.autocast(student_logits.device.type, enabled=False):
             s = student_logits.float()
             ts = [z.float() for z in teacher_logits]
@@ -140,8 +149,10 @@ class SoftTargetKD(nn.Module):
 def _kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """KL(teacher || student) of the tempered softmaxes, per image."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(1)
+    p_t = F.softmax(teacher_logits / temperature, dim=1)
+    # With probabilities as the target kl_div takes 0 log 0 = 0; log-probabilities would give 0 x -inf = NaN
+    # for a class the teacher masks with -inf.
+    return F.kl_div(log_p_s, p_t, reduction="none").sum(1)
 
 
 def batch_mean(x: Tensor) -> Tensor:
@@ -304,7 +315,10 @@ class NeighbourConsistency(nn.Module):
             if self.filled >= self.k:
                 nearest = (keys @ self.keys[: self.filled].T).topk(self.k, dim=1).indices
                 target = self.probs[: self.filled][nearest].mean(1)
-                loss = -(p * target).sum(1).clamp_min(1e-8).log().mean()
+                # -log <p, target> in log space: a clamp of <p, target> would cut the gradient exactly where
+                # the student is confidently unlike its neighbours.
+                log_p = F.log_softmax(student_logits.float(), dim=1)
+                loss = -(log_p + target.log()).logsumexp(1).mean()
             else:  # keeps the graph (and DDP's gradient hooks) the same as on later steps
                 loss = (p * 0.0).sum()
             self._add(keys, p.detach())
@@ -361,7 +375,7 @@ class TaskGate(nn.Module):
     Returns two terms: ``task_gate_fit`` (mean squared weighted moment + ``prior_weight`` x the squared gap of
     the gate's mean to the prior + ``l2`` x the squared gate weights), which trains the gate alone since the
     moments come from the frozen teacher; and ``task_gate``, the binary cross-entropy of the student's mass on
-    the teacher's slice against the detached gate.
+    the teacher's slice (given as log-odds) against the detached gate.
 
     Args:
         num_moments: width of the moments (2 x the channels of all BatchNorm inputs read).
@@ -399,11 +413,14 @@ class TaskGate(nn.Module):
         g = g.detach().float().clamp(1e-4, 1 - 1e-4)
         return torch.logit(g) - math.log(self.prior / (1 - self.prior))
 
-    def forward(self, moments: Tensor, slice_mass: Tensor) -> dict[str, Tensor]:
+    def forward(self, moments: Tensor, slice_log_odds: Tensor) -> dict[str, Tensor]:
+        """``slice_log_odds`` [B]: log(m / (1 - m)) of the student's mass m on the teacher's slice. Given as
+        log-odds so that the cross-entropy keeps its gradient where the student is confidently wrong (a mass
+        clamped away from 0 and 1 would have none)."""
         fit, g = self.fit(moments)
-        with torch.autocast(slice_mass.device.type, enabled=False):  # CUDA autocast refuses binary_cross_entropy
-            mass = slice_mass.float().clamp(1e-6, 1 - 1e-6)
-            return {"task_gate_fit": fit, "task_gate": F.binary_cross_entropy(mass, g.detach())}
+        with torch.autocast(slice_log_odds.device.type, enabled=False):
+            task_gate = F.binary_cross_entropy_with_logits(slice_log_odds.float(), g.detach())
+            return {"task_gate_fit": fit, "task_gate": task_gate}
 
 
 def gated_task_loss(log_task: Tensor, log_odds: Tensor) -> Tensor:

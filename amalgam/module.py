@@ -445,9 +445,8 @@ class AmalgamationModule(L.LightningModule):
         with ``task_gate_target="product"`` one ``losses.gated_task_loss`` over all tasks instead."""
         log_probs = student_logits.float().log_softmax(1)
         log_task = torch.stack([log_probs[:, a:b].logsumexp(1) for a, b in self.slices], 1)
-        mass = log_task.exp()
         product = self.init_args.task_gate_target == "product"
-        log_odds = torch.zeros_like(mass)
+        log_odds = torch.zeros_like(log_task)
         terms: dict[str, Tensor] = {}
         for index, task in enumerate(self.task_names):
             if task not in self.task_gates:
@@ -455,14 +454,15 @@ class AmalgamationModule(L.LightningModule):
             # Read under the teachers' inference mode: a copy may enter autograd. A mirrored second half
             # (teacher_flip_average) is averaged into the first, like the teachers' outputs.
             moments = torch.cat(self._moments[task], 1).clone()
-            if len(moments) == 2 * len(mass):
+            if len(moments) == 2 * len(log_task):
                 moments = sum(moments.chunk(2)) / 2
             if product:
                 fit, g = self.task_gates[task].fit(moments)
                 log_odds[:, index] = self.task_gates[task].log_odds(g)
                 pairs = {"task_gate_fit": fit}
             else:
-                pairs = self.task_gates[task](moments, mass[:, index])
+                rest = torch.cat([log_task[:, :index], log_task[:, index + 1:]], 1).logsumexp(1)
+                pairs = self.task_gates[task](moments, log_task[:, index] - rest)
             for name, value in pairs.items():
                 terms[name] = terms[name] + value if name in terms else value
         if product:

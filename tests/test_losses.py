@@ -142,6 +142,32 @@ def test_kd_slice_weights_each_image_and_teacher_against_a_per_row_reference():
         SoftTargetKD("concat")(s, [t1, t2], [(0, 3), (3, 7)], weights)
 
 
+def test_kd_takes_a_teacher_s_masked_class_as_probability_zero():
+    # A teacher that masks a class with -inf gives it probability 0: KL's 0 log 0 is 0, in both modes, and the
+    # loss equals that of the same teacher restricted to the classes it keeps.
+    s = torch.randn(2, 3, generator=torch.Generator().manual_seed(15), requires_grad=True)
+    t = torch.tensor([[2.0, 0.0, float("-inf")], [1.0, 1.0, 0.0]])
+    for mode in ("slice", "concat"):
+        loss = SoftTargetKD(mode, temperature=2.0)(s, [t], [(0, 3)])
+        assert torch.isfinite(loss)
+        q = (t.double() / 2).softmax(1)
+        log_p = (s.detach().double() / 2).log_softmax(1)
+        expected = 4 * torch.where(q > 0, q * (q.log() - log_p), 0.0).sum(1).mean().item()
+        assert loss.item() == pytest.approx(expected, rel=1e-5)
+        loss.backward()
+        assert torch.isfinite(s.grad).all()
+        s.grad = None
+
+
+def test_kd_refuses_slices_that_do_not_fit_the_teachers():
+    s = torch.randn(4, 5)
+    t2, t3 = torch.randn(4, 2), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="2 teachers' logits but 1 slices"):
+        SoftTargetKD("slice")(s, [t2, t3], [(0, 2)])
+    with pytest.raises(ValueError, match=r"teacher 1 gives 3 logits but its slice \(2, 3\) holds 1"):
+        SoftTargetKD("slice")(s, [t2, t3], [(0, 2), (2, 3)])
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="concat"):
         SoftTargetKD("soft")
@@ -547,6 +573,20 @@ def test_neighbour_consistency_pulls_an_image_toward_its_neighbours_class():
     assert loss.filled == 7 and loss.pointer == 7
 
 
+def test_neighbour_consistency_keeps_its_gradient_when_the_student_is_confidently_wrong():
+    # Neighbours all in class 0, the student sure of class 1: the loss is large and must still train.
+    loss = NeighbourConsistency(4, k=1)
+    keys = torch.eye(4)
+    loss(keys, torch.tensor([[30.0, 0, 0, 0]] * 4))
+    wrong = torch.tensor([[0.0, 30.0, 0, 0]] * 4, requires_grad=True)
+    value = loss(keys, wrong)
+    value.backward()
+    target = torch.tensor([30.0, 0, 0, 0], dtype=torch.float64).softmax(0)
+    expected = -math.log(torch.tensor([0.0, 30.0, 0, 0], dtype=torch.float64).softmax(0) @ target)  # ~ 30 - log 2
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    assert wrong.grad[:, 0].max() < -0.1 and wrong.grad[:, 1].min() > 0.1  # toward class 0, away from 1
+
+
 def test_neighbour_consistency_is_zero_until_k_entries_and_keeps_the_graph():
     loss = NeighbourConsistency(bank_size=10, k=4)
     logits = torch.randn(3, 5, requires_grad=True)
@@ -689,7 +729,7 @@ def test_task_gate_terms_match_their_definitions():
     assert torch.allclose(gate.gate(torch.randn(5, 6)), torch.full((5,), 0.3))  # starts at the prior
     torch.nn.init.normal_(gate.linear.weight)
     moments, mass = torch.randn(8, 6), torch.rand(8)
-    terms = gate(moments, mass)
+    terms = gate(moments, torch.logit(mass))
     # Reference: the gate on batch-standardised moments, in float64, row by row.
     z = (moments.double() - moments.double().mean(0)) / (moments.double().var(0, unbiased=False) + 1e-5).sqrt()
     w, b = gate.linear.weight.double()[0], gate.linear.bias.double()[0]
@@ -713,7 +753,7 @@ def test_task_gate_fit_finds_the_images_that_reproduce_the_running_statistics():
     gate = TaskGate(d, prior=0.4)
     opt = torch.optim.Adam(gate.parameters(), lr=2e-2)
     for _ in range(300):
-        loss = gate(moments, torch.full((n,), 0.5))["task_gate_fit"]
+        loss = gate(moments, torch.zeros(n))["task_gate_fit"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -725,14 +765,25 @@ def test_task_gate_fit_finds_the_images_that_reproduce_the_running_statistics():
 def test_task_gate_fit_trains_the_gate_and_the_target_trains_only_the_student():
     gate = TaskGate(4, prior=0.5)
     moments = torch.randn(6, 4)
-    mass = torch.rand(6, requires_grad=True)
-    terms = gate(moments, mass)
+    log_odds = torch.randn(6, requires_grad=True)
+    terms = gate(moments, log_odds)
     terms["task_gate"].backward(retain_graph=True)
-    assert mass.grad.abs().sum() > 0 and gate.linear.weight.grad is None  # the gate is a detached target
+    assert log_odds.grad.abs().sum() > 0 and gate.linear.weight.grad is None  # the gate is a detached target
     terms["task_gate_fit"].backward()
     assert gate.linear.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="prior"):
         TaskGate(4, prior=1.0)
+
+
+def test_task_gate_target_keeps_its_gradient_when_the_student_is_confidently_wrong():
+    gate = TaskGate(4, prior=0.5)
+    torch.nn.init.constant_(gate.linear.bias, 5.0)  # the gate says: in the task
+    log_odds = torch.full((3,), -20.0, requires_grad=True)  # the student: mass ~2e-9 on the slice
+    terms = gate(torch.randn(3, 4), log_odds)
+    terms["task_gate"].backward()
+    g = torch.sigmoid(torch.tensor(5.0)).item()
+    assert terms["task_gate"].item() == pytest.approx(g * 20 + math.log1p(math.exp(-20)), rel=1e-4)
+    assert log_odds.grad.max().item() == pytest.approx(-g / 3, rel=1e-4)  # d/dx of BCE-with-logits: (sigmoid(x) - g) / B
 
 
 def test_task_gate_weight_gates_every_batchnorm_teacher_from_its_own_layer_inputs():
@@ -760,8 +811,8 @@ def test_task_gate_weight_gates_every_batchnorm_teacher_from_its_own_layer_input
     module.teachers[0](images)
     for hook in hooks:
         hook.remove()
-    mass = F.softmax(seen["outputs"][0].logits.detach(), 1)[:, :2].sum(1)
-    expected = reference_gate(torch.cat(seen_inputs, 1), mass)
+    mass = F.softmax(seen["outputs"][0].logits.detach().double(), 1)[:, :2].sum(1)
+    expected = reference_gate(torch.cat(seen_inputs, 1), torch.log(mass / (1 - mass)).float())
     assert terms["task_gate"].item() == pytest.approx(expected["task_gate"].item(), rel=1e-4)
     assert terms["task_gate_fit"].item() == pytest.approx(expected["task_gate_fit"].item(), rel=1e-4)
     # The fit counts with weight 1 whatever task_gate's weight: it trains the gate only.
