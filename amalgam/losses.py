@@ -202,8 +202,11 @@ class SelfLabel(nn.Module):
     The teachers cannot say which task an image belongs to; the student, which sees every task, can learn it
     from the structure of its own features: a label that survives strong augmentation pulls the boundary
     between look-alike classes of different teachers away from dense regions. Before thresholding, the
-    weak-view prediction is divided by the batch's mean prediction (and renormalised), so pseudo-labels stay
-    balanced over the union classes instead of feeding back whichever slice already dominates.
+    weak-view prediction is divided by the mean prediction (and renormalised), so pseudo-labels stay balanced
+    over the union classes instead of feeding back whichever slice already dominates. That mean is a running
+    average over recent batches (``momentum``; the first batch sets it), as in ReMixMatch: a batch smaller
+    than the union has no image of most classes, and dividing by its own mean would lift every absent class
+    to the level of the present ones, so that hardly any image would reach the threshold.
 
     Given the teachers' ``slices``, the pseudo-label is the task instead of the class: the aligned softmax is
     summed per slice, and the strong view is trained on its own slice masses (log-sum-exp of each slice). The
@@ -213,13 +216,41 @@ class SelfLabel(nn.Module):
     Args:
         threshold: only images whose aligned pseudo-label probability reaches this count; the loss is
             averaged over the whole batch (masked images contribute zero), as in FixMatch.
+        momentum: weight of the running mean prediction against each new batch's (0: the batch's own mean;
+            0.99 averages about the last 100 batches). Every call updates it, like BatchNorm's statistics.
+        num_classes: the union's size. Given, the running mean is a buffer of the state dict (a resumed run
+            continues with it); without it, it is sized on the first call and not saved.
     """
 
-    def __init__(self, threshold: float = 0.95) -> None:
+    def __init__(self, threshold: float = 0.95, momentum: float = 0.99, num_classes: int | None = None) -> None:
         super().__init__()
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"self-labelling threshold must be in [0, 1), got {threshold}")
-        self.threshold = threshold
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"self-labelling momentum must be in [0, 1), got {momentum}")
+        self.threshold, self.momentum = threshold, momentum
+        # All zeros until the first batch: a mean prediction sums to 1, so the sum tells, without a host sync.
+        self.register_buffer("mean_prediction", torch.zeros(num_classes or 0), persistent=num_classes is not None)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "mean_prediction"
+        if "mean_prediction" not in self._non_persistent_buffers_set:
+            state_dict.setdefault(key, self.mean_prediction)  # a checkpoint saved before the running mean
+        else:
+            state_dict.pop(key, None)  # saved by a run that used the term, loaded by one that does not
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def aligned(self, probs: Tensor) -> Tensor:
+        """``probs`` divided by the running mean prediction, renormalised; updates the running mean."""
+        batch = batch_mean(probs)  # every process's batch under DDP, so every process keeps the same mean
+        if self.mean_prediction.shape != batch.shape:
+            self.mean_prediction = batch.clone()
+        else:
+            seen = self.mean_prediction.sum() > 0
+            self.mean_prediction.copy_(torch.where(seen, self.mean_prediction.lerp(batch, 1 - self.momentum), batch))
+        p = probs / self.mean_prediction.clamp_min(1e-12)
+        return p / p.sum(1, keepdim=True)
 
     def forward(self, weak_logits: Tensor, strong_logits: Tensor, slices: list[tuple[int, int]] | None = None
                 ) -> tuple[Tensor, Tensor]:
@@ -227,9 +258,7 @@ class SelfLabel(nn.Module):
         the labels are tasks (see the class notes)."""
         with torch.autocast(weak_logits.device.type, enabled=False):
             with torch.no_grad():
-                p = F.softmax(weak_logits.detach().float(), dim=1)
-                p = p / batch_mean(p).clamp_min(1e-12)  # every process's batch under DDP
-                p = p / p.sum(1, keepdim=True)
+                p = self.aligned(F.softmax(weak_logits.detach().float(), dim=1))
                 if slices is not None:
                     p = slice_mass(p, slices)
                 confidence, labels = p.max(1)

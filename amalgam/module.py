@@ -256,7 +256,9 @@ class AmalgamationModule(L.LightningModule):
             raise ValueError(f"model.selflabel_target must be 'class' or 'task', got {selflabel_target!r}")
         if task_gate_target not in ("gate", "product"):
             raise ValueError(f"model.task_gate_target must be 'gate' or 'product', got {task_gate_target!r}")
-        self.self_label = config_value("selflabel_threshold", lambda: SelfLabel(selflabel_threshold))
+        # Its running mean prediction is saved only when the term is on, so that other checkpoints keep their keys.
+        self.self_label = config_value("selflabel_threshold", lambda: SelfLabel(
+            selflabel_threshold, num_classes=self.num_classes if weights["selflabel"] else None))
         self.view_contrast = config_value("contrast_temperature", lambda: ViewContrast(contrast_temperature))
         # Built only when used, so that checkpoints without the term keep their keys.
         self.projector = self._build_projector(contrast_dim) if weights["contrast"] else None

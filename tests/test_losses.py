@@ -360,6 +360,72 @@ def test_task_self_label_leaves_the_distribution_inside_a_slice_free():
         torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4, atol=1e-6)
 
 
+def confident_batches(num_classes, batch, count, seed=16):
+    """Batches of `batch` images, each confidently (logit margin 10) of its own random class."""
+    g = torch.Generator().manual_seed(seed)
+    return [F.one_hot(torch.randperm(num_classes, generator=g)[:batch], num_classes).float() * 10 for _ in range(count)]
+
+
+def test_self_label_running_mean_follows_its_definition():
+    g = torch.Generator().manual_seed(17)
+    batches = [torch.randn(6, 4, generator=g) * 2 for _ in range(4)]
+    loss = SelfLabel(0.0, momentum=0.7, num_classes=4)
+    assert loss.mean_prediction.tolist() == [0.0] * 4  # nothing seen yet
+    expected = None
+    for weak in batches:
+        mean = weak.softmax(1).mean(0)
+        expected = mean if expected is None else 0.7 * expected + 0.3 * mean
+        loss(weak, torch.zeros(6, 4))
+        torch.testing.assert_close(loss.mean_prediction, expected)
+    # The labels are those of the probabilities divided by that mean.
+    weak = torch.randn(6, 4, generator=g) * 2
+    expected = 0.7 * expected + 0.3 * weak.softmax(1).mean(0)
+    strong = torch.zeros(6, 4, requires_grad=True)
+    loss(weak, strong)[0].backward()
+    assert torch.equal(strong.grad.argmin(1), (weak.softmax(1) / expected).argmax(1))
+
+
+def test_self_label_keeps_confident_images_when_the_union_outnumbers_the_batch():
+    # 40 classes, 8 images a batch, each image sure of its class. Dividing by one batch's mean lifts the 32
+    # classes absent from it to the level of the present one: nothing reaches the threshold. The running mean
+    # has seen every class, and keeps what a plain threshold would.
+    batches = confident_batches(40, 8, 60)
+    assert all((b.softmax(1).max(1).values >= 0.95).all() for b in batches)
+    per_batch, running = SelfLabel(0.95, momentum=0.0), SelfLabel(0.95, momentum=0.9)
+    kept_per_batch = [per_batch(b, b)[1].item() for b in batches]
+    kept_running = [running(b, b)[1].item() for b in batches]
+    assert max(kept_per_batch) == 0.0
+    assert min(kept_running[30:]) == 1.0
+
+
+def test_self_label_running_mean_is_saved_only_when_sized_for_the_union():
+    def holder(**args):  # inside another module, as in AmalgamationModule: its keys then have a prefix
+        return torch.nn.ModuleDict({"term": SelfLabel(0.5, **args)})
+
+    batches = confident_batches(5, 4, 3)
+    trained = holder(num_classes=5)
+    for b in batches:
+        trained["term"](b, b)
+    state = trained.state_dict()
+    assert set(state) == {"term.mean_prediction"} and state["term.mean_prediction"].sum().item() == pytest.approx(1.0)
+    restored = holder(num_classes=5)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored["term"].mean_prediction, trained["term"].mean_prediction)
+    # A checkpoint from before the running mean loads, and the first batch then sets it.
+    old = holder(num_classes=5)
+    old.load_state_dict({})
+    assert old["term"].mean_prediction.sum().item() == 0.0
+    old["term"](batches[0], batches[0])
+    torch.testing.assert_close(old["term"].mean_prediction, batches[0].softmax(1).mean(0))
+    # Unsized (the term unused, or used on its own): nothing in the state dict, and a saved mean is dropped.
+    unsized = holder()
+    unsized["term"](batches[0], batches[0])
+    assert unsized.state_dict() == {} and unsized["term"].mean_prediction.shape == (5,)
+    unsized.load_state_dict(state)
+    with pytest.raises(ValueError, match="momentum"):
+        SelfLabel(0.5, momentum=1.0)
+
+
 @pytest.mark.parametrize("threshold", [-0.1, 1.0, 1.5, float("nan")])
 def test_self_label_threshold_outside_unit_interval_is_refused(threshold):
     with pytest.raises(ValueError, match="threshold"):
@@ -474,11 +540,14 @@ def test_selflabel_off_by_default_costs_no_extra_student_pass():
     _, seen, passes = watch_step(module.train(), torch.rand(8, 3, SIZE, SIZE))
     assert len(passes) == 1 and "selflabel" not in seen["terms"]
     assert set(seen["terms"]) == {"kd", "mmd", "recon"}
-    # Switched on, the same module config pays exactly one more pass.
+    assert not any(key.startswith("self_label") for key in module.state_dict())  # checkpoints keep their keys
+    # Switched on, the same module config pays exactly one more pass, and checkpoints keep the running mean.
     module = tiny_module(loss_weights={"selflabel": 0.5})
     assert module.self_label.threshold == 0.95
     _, seen, passes = watch_step(module.train(), torch.rand(8, 3, SIZE, SIZE))
     assert len(passes) == 2 and "selflabel" in seen["terms"]
+    saved = module.state_dict()["self_label.mean_prediction"]
+    assert saved.shape == (module.num_classes,) and saved.sum().item() == pytest.approx(1.0)
 
 
 def test_selflabel_target_task_labels_the_teachers_slices():
