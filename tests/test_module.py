@@ -427,3 +427,46 @@ def test_compiled_module_with_four_teacher_families_stays_under_dynamo_recompile
         finally:
             torch._dynamo.reset()
     assert cli.trainer.global_step == 2
+
+
+def test_evaluation_metrics_match_naive_formulas():
+    # Student and teachers replaced by fixed logits: every reported number must equal its textbook definition
+    # (task a holds union classes 0-1, task b 2-4).
+    module = AmalgamationModule([teacher("a", "resnet", tap=None), teacher("b", "resnet", tap=None)],
+                                student(tap=None))
+    module.setup("validate")
+    g = torch.Generator().manual_seed(0)
+    batches = {}
+    for index, (task, width) in enumerate([("a", 2), ("b", 3)]):
+        n = 40
+        batches[task] = {"labels": torch.randint(0, width, (n,), generator=g), "student": torch.randn(n, 5, generator=g),
+                         "teachers": [torch.randn(n, 2, generator=g), torch.randn(n, 3, generator=g)]}
+        batch = batches[task]
+        module.forward = lambda images, z=batch["student"]: z
+        module._teachers = [lambda images, z=z: Features([], z) for z in batch["teachers"]]
+        module._eval_step((torch.zeros(n, 3, SIZE, SIZE), batch["labels"]), dataloader_idx=index)
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    module._log_eval("val")
+
+    def mean(flags):
+        return torch.cat(flags).float().mean().item()
+
+    offsets, union_labels = {"a": (0, 2), "b": (2, 5)}, []
+    for task, (a, b) in offsets.items():
+        batch, labels = batches[task], batches[task]["labels"]
+        own = batch["teachers"][0 if task == "a" else 1]
+        assert logged[f"val/{task}/acc"] == pytest.approx(mean([batch["student"][:, a:b].argmax(1) == labels]))
+        assert logged[f"val/teacher/{task}/acc"] == pytest.approx(mean([own.argmax(1) == labels]))
+        assert logged[f"val/{task}/agreement"] == pytest.approx(mean([batch["student"][:, a:b].argmax(1) == own.argmax(1)]))
+        union_labels.append(labels + a)
+    z = [batches[t]["student"] for t in offsets]
+    concat = [torch.cat(batches[t]["teachers"], 1) for t in offsets]
+    assert logged["val/acc_union"] == pytest.approx(mean([s.argmax(1) == y for s, y in zip(z, union_labels)]))
+    assert logged["val/teachers_concat/acc_union"] == pytest.approx(
+        mean([c.argmax(1) == y for c, y in zip(concat, union_labels)]))
+    expected = torch.zeros(5, 5, dtype=torch.long)  # rows: true union class
+    for s, y in zip(z, union_labels):
+        for true, pred in zip(y.tolist(), s.argmax(1).tolist()):
+            expected[true, pred] += 1
+    assert torch.equal(module.confusion["val"], expected)

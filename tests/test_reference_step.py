@@ -33,13 +33,22 @@ CONTRACT = {"case", "batch", "ref_img_s", "amalgam_img_s", "ratio", "peak_mem_gi
         ([("a", "convnext"), ("b", "vit")], "vector",
          {"kd": "slice", "temperature": 4.0, "loss_weights": {"balance": 1.0, "entropy": 0.1}}),
         ([("a", "resnet"), ("b", "vit")], None, {}),
+        ([("a", "resnet"), ("b", "vit")], "two", {}),
+        ([("a", "resnet"), ("b", "convnext")], "vector", {"kd": "slice", "loss_weights": {"balance": 1.0}}),
     ],
-    ids=["cnn+vit+swin-map-concat", "convnext+vit-vector-slice-prior", "kd-only"],
+    ids=["cnn+vit+swin-map-concat", "convnext+vit-vector-slice-prior", "kd-only", "two-taps-each",
+         "balance-only"],
 )
 def test_reference_losses_match_amalgam_fp32(families, tap, args):
     torch.manual_seed(0)
-    module = AmalgamationModule([teacher(t, fam, tap) for t, fam in families], student(tap), block_width=8,
-                                block_depth=1, **args)
+    if tap == "two":  # two common-feature blocks: every term sums over both
+        two = {"resnet": ["layer3", "layer4"], "vit": ["blocks.0", "blocks.1"], "student": ["layer3", "layer4"]}
+        teachers = [teacher(t, fam, taps=two[fam]) for t, fam in families]
+        module = AmalgamationModule(teachers, student(taps=two["student"]), block_width=8, block_depth=1, **args)
+        assert len(module.blocks) == 2
+    else:
+        module = AmalgamationModule([teacher(t, fam, tap) for t, fam in families], student(tap), block_width=8,
+                                    block_depth=1, **args)
     reference = ReferenceStep(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # training_step's self.log outside a Trainer
