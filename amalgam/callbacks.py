@@ -101,7 +101,7 @@ class PredictionWriter(BasePredictionWriter):
     Rows name the image by its path when the DataModule has ``predict_paths`` (``ImageFolderDataModule``),
     else by its index. Images that could not be decoded are skipped by the DataModule and counted, not written.
     Works with modules whose ``predict_step`` returns ``{"indices", "union_top", "probs/<task>"}`` and that
-    have ``task_names`` and ``teachers`` (``AmalgamationModule``).
+    name their classes in ``classes_per_task`` (``AmalgamationModule``, and ``Classifier`` for one task).
     """
 
     def __init__(self, output: str = "predictions.csv", format: Literal["csv", "jsonl"] | None = None,
@@ -123,12 +123,11 @@ class PredictionWriter(BasePredictionWriter):
             f"{self.output.stem}.rank{rank}{self.output.suffix}")
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for attr in ("task_names", "teachers"):
-            if not hasattr(pl_module, attr):
-                raise ValueError(f"PredictionWriter needs a model with '{attr}' (an AmalgamationModule); "
-                                 f"got {type(pl_module).__name__}")
-        self.classes = {t.task: list(t.classes) for t in pl_module.teachers}
-        self.union = [(task, name) for task in pl_module.task_names for name in self.classes[task]]
+        if not hasattr(pl_module, "classes_per_task"):
+            raise ValueError(f"PredictionWriter needs a model that names its classes in 'classes_per_task' (an "
+                             f"AmalgamationModule or a Classifier); got {type(pl_module).__name__}")
+        self.classes = pl_module.classes_per_task
+        self.union = [(task, name) for task, names in self.classes.items() for name in names]
         path = self.path_for_rank(trainer.global_rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         # A file name that is not valid UTF-8 is written back as its own bytes, not refused mid-run.
@@ -136,7 +135,7 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = 0
         if self.format == "csv":
             header = ["image", "union_task", "union_class"]
-            for task in pl_module.task_names:
+            for task in self.classes:
                 header += [task, f"{task}_prob"]
                 if self.probabilities:
                     header += [f"{task}/{name}" for name in self.classes[task]]
@@ -152,7 +151,7 @@ class PredictionWriter(BasePredictionWriter):
         # Bare image batches carry no indices: number the images in the order they arrive.
         indices = range(self.rows, self.rows + len(union_top)) if indices is None else indices.tolist()
         paths = getattr(trainer.datamodule, "predict_paths", None)
-        per_task = {task: prediction[f"probs/{task}"].float().cpu() for task in pl_module.task_names}
+        per_task = {task: prediction[f"probs/{task}"].float().cpu() for task in self.classes}
         for row, index in enumerate(indices):
             image = str(paths[index]) if paths is not None else index
             union_task, union_class = self.union[union_top[row]]

@@ -67,6 +67,17 @@ class Classifier(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images).logits
 
+    @property
+    def classes_per_task(self) -> dict[str, list[str]]:
+        """Its one task's class names (what ``callbacks.PredictionWriter`` names predictions by)."""
+        return {self.hparams.task: list(self.hparams.classes)}
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor | None]:
+        # AmalgamationModule's format with one task, so that the same PredictionWriter writes it.
+        images, indices = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        logits = self(images)
+        return {"indices": indices, "union_top": logits.argmax(1), f"probs/{self.hparams.task}": logits.softmax(1)}
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.hparams.label_smoothing)

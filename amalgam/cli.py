@@ -12,6 +12,7 @@ those a ``--ckpt_path`` checkpoint saved.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import pickle
 import sys
@@ -31,6 +32,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from amalgam.callbacks import ExactResume
 from amalgam.checkpointing import AtomicCheckpointIO, RefusedCheckpointError, UnreadableCheckpointError
@@ -52,20 +54,55 @@ class AmalgamCLI(LightningCLI):
                 parser.exit_on_error = exit_on_error
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads --ckpt_path's hyper-parameters first (with weights_only=True): name a refused file.
+        """LightningCLI's: a ``--ckpt_path`` checkpoint's saved hyper-parameters fill in the model's arguments.
+        Here the file is read once, lazily (mmap: the weights stay unread), with ``--weights_only`` as given
+        (LightningCLI always reads with ``weights_only=True``, which would refuse the very file the user chose
+        to trust); a file that is not a Lightning checkpoint, or holds another kind of model than the config
+        names, is refused with what to do instead; and the arguments the user gave outrank the saved ones."""
         subcommand = self.config.get("subcommand")
-        before = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():  # "last", "best": Lightning resolves them later
+            return
+        weights_only = self.config[subcommand].get("weights_only") is not False
         try:
-            if subcommand and self.config[subcommand].get("weights_only") is False:
-                self._parse_trusted_ckpt_path()
-            else:
-                super()._parse_ckpt_path()
+            ckpt = torch.load(ckpt_path, weights_only=weights_only, map_location="cpu", mmap=True)
         except pickle.UnpicklingError as err:
-            raise RefusedCheckpointError(self.config[self.config.subcommand].get("ckpt_path"), err) from err
-        except Exception as err:  # torch.load's: a config that does not parse exits (SystemExit) instead
-            raise UnreadableCheckpointError(self.config[self.config.subcommand].get("ckpt_path"), err) from err
-        if subcommand:
-            self._keep_given_model_args(subcommand, before)
+            raise RefusedCheckpointError(ckpt_path, err) from err
+        except Exception as err:
+            raise UnreadableCheckpointError(ckpt_path, err) from err
+        if not (isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt):
+            raise ValueError(
+                f"--ckpt_path {ckpt_path!r} is not a checkpoint written by a Lightning run (a .ckpt from `fit`): "
+                f"it holds {describe(ckpt)}. Teacher weights go in model.init_args.teachers[i].checkpoint; a "
+                f"student exported by `python -m amalgam export` loads with amalgam.export.load_student.")
+        hparams = ckpt.get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        before = copy.deepcopy(self.config[subcommand].get("model"))
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
+        self._check_model_class(subcommand, before, ckpt_path)
+        self._keep_given_model_args(subcommand, before)
+
+    def _check_model_class(self, subcommand: str, before: Any, ckpt_path: str) -> None:
+        """The checkpoint's model class replaces the config's (LightningCLI): a subclass of it is the user's
+        own model, anything else a wrong file (a teacher's checkpoint given as the student's run)."""
+        given = getattr(self, "_given", None)
+        given_class = given.get(f"{subcommand}.model.class_path") if given is not None else None
+        saved_class = self.config[subcommand]["model"].get("class_path")
+        if not given_class or not saved_class or given_class == saved_class:
+            return
+        if not issubclass(import_class(saved_class), import_class(given_class)):
+            raise ValueError(
+                f"--ckpt_path {ckpt_path!r} holds a {saved_class} but the config's model is a {given_class}. "
+                f"Give the checkpoint of a run of the config's model (its checkpoints/last.ckpt); teacher "
+                f"checkpoints go in model.init_args.teachers[i].checkpoint.")
 
     def _keep_given_model_args(self, subcommand: str, before: Any) -> None:
         """LightningCLI lets a checkpoint's saved arguments override the config: a moved project's teacher
@@ -83,20 +120,25 @@ class AmalgamCLI(LightningCLI):
             merge = key == "loss_weights" and isinstance(saved, dict) and isinstance(wanted, dict)
             after["init_args"][key] = {**saved, **wanted} if merge else wanted
 
-    def _parse_trusted_ckpt_path(self) -> None:
-        """LightningCLI's ``_parse_ckpt_path`` for ``--weights_only false``: it always reads with
-        ``weights_only=True``, which would refuse the very file the user chose to trust."""
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+    def before_validate(self) -> None:
+        self._check_trained("validate")
+
+    def before_test(self) -> None:
+        self._check_trained("test")
+
+    def before_predict(self) -> None:
+        self._check_trained("predict")
+
+    def _check_trained(self, subcommand: str) -> None:
+        """Without --ckpt_path the model is as built: an untrained student (or teacher). Scoring it may be meant
+        (a baseline); writing its predictions never is."""
+        if self.config_init[subcommand].get("ckpt_path"):
             return
-        # Reached only with the user's own --weights_only false for this file; mmap: the weights stay unread.
-        hparams = torch.load(ckpt_path, weights_only=False, map_location="cpu", mmap=True).get("hyper_parameters", {})
-        hparams.pop("_instantiator", None)
-        if not hparams:
-            return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        message = (f"{subcommand} without --ckpt_path uses the model as built, untrained; give the checkpoint "
+                   f"that fit wrote: --ckpt_path .../checkpoints/last.ckpt")
+        if subcommand == "predict":
+            raise ValueError(message)
+        rank_zero_warn(message)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A rich progress bar unless the config chose another bar or none: long runs should show progress.
@@ -115,6 +157,19 @@ class AmalgamCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def describe(obj: Any) -> str:
+    """A few words on what a loaded file holds, for an error message."""
+    if isinstance(obj, dict):
+        keys = list(obj)[:4]
+        return f"a dict with keys {keys}{' ...' if len(obj) > 4 else ''}"
+    return f"a {type(obj).__name__}"
+
+
+def import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 DESCRIPTION = ("Knowledge amalgamation: one student learns the tasks of several frozen teachers from unlabeled "
@@ -168,13 +223,18 @@ def entry_point(args: list[str] | None = None) -> int:
         print("amalgam: stopped by SIGTERM after the current step; resume with --ckpt_path last (a run whose "
               "ModelCheckpoint keeps a last checkpoint, save_last: true)", file=sys.stderr)
         return 143
-    except USER_ERRORS as err:
-        if os.environ.get("AMALGAM_TRACEBACK"):
+    except (*USER_ERRORS, RuntimeError) as err:
+        if os.environ.get("AMALGAM_TRACEBACK") or not (isinstance(err, USER_ERRORS) or is_mismatched_checkpoint(err)):
             raise
         print(f"amalgam: error: {user_message(err)}\n(set AMALGAM_TRACEBACK=1 for the full traceback)",
               file=sys.stderr)
         return 1
     return 0
+
+
+def is_mismatched_checkpoint(err: BaseException) -> bool:
+    """``load_state_dict``'s error: the model the config builds is not the one the checkpoint holds."""
+    return isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict")
 
 
 def user_message(err: BaseException) -> str:
@@ -187,6 +247,11 @@ def user_message(err: BaseException) -> str:
     while err.__cause__ is not None and "Does not validate against any of the Union subtypes" in str(err):
         err = err.__cause__
     text = str(err).strip()
+    if is_mismatched_checkpoint(err):
+        first = next((line.strip() for line in text.splitlines()[1:] if line.strip()), "")
+        return (f"the model this config builds differs from the one in the checkpoint ({first[:300]}): run "
+                f"with the config of the run that wrote it (LightningCLI saved it as config.yaml in that run's log "
+                f"folder), changing only what does not change the model's shape")
     if "Original Traceback (most recent call last)" in text:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last

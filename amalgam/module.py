@@ -7,6 +7,7 @@ step as a chain of small hooks a subclass may override, evaluation, optimisers.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, NotRequired, TypedDict
 
@@ -209,6 +210,19 @@ class AmalgamationModule(L.LightningModule):
         tasks = [t["task"] for t in teachers]
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"teacher task names must be unique, got {tasks}")
+        # Checked here: a negative rate or weight would train silently in the wrong direction, and a block
+        # width of 0 fail deep inside the first step.
+        for key, value in {"lr": lr, "head_lr": head_lr, "block_lr": block_lr, "weight_decay": weight_decay}.items():
+            if value is not None and not value >= 0:
+                raise ValueError(f"model.{key} must be >= 0, got {value}")
+        if block_width < 1 or block_depth < 0:
+            raise ValueError(f"model.block_width must be >= 1 and model.block_depth >= 0, got {block_width} and "
+                             f"{block_depth}")
+        names = Counter(name for t in teachers for name in set(t.get("classes") or []))
+        shared = sorted(name for name, count in names.items() if count > 1)
+        if shared:
+            rank_zero_warn(f"more than one teacher has classes named {shared}: each stays a class of its own in the "
+                           f"union (one logit per teacher's class), told apart by the task only")
 
         # Teachers live outside the module tree: no optimizer, no DDP sync, no checkpoint entries.
         self._teachers = [Teacher.from_config(cfg) for cfg in teachers]
@@ -235,6 +249,9 @@ class AmalgamationModule(L.LightningModule):
         if set(weights) - set(defaults):
             raise ValueError(f"model.loss_weights has unknown terms {sorted(set(weights) - set(defaults))};"
                              f" valid terms: {sorted(defaults)} (a subclass adds its own in extra_loss_terms)")
+        negative = {k: v for k, v in weights.items() if not v >= 0}
+        if negative:
+            raise ValueError(f"model.loss_weights must be >= 0 (0 turns a term off), got {negative}")
         self.loss_weights = weights
         # With both common-space terms off (plain KD) the blocks would only cost time: build none.
         uses_blocks = weights["mmd"] > 0 or weights["recon"] > 0
@@ -285,6 +302,11 @@ class AmalgamationModule(L.LightningModule):
     @property
     def teachers(self) -> list[Teacher]:
         return self._teachers
+
+    @property
+    def classes_per_task(self) -> dict[str, list[str]]:
+        """Each task's class names, in head order (what ``callbacks.PredictionWriter`` names predictions by)."""
+        return {t.task: list(t.classes) for t in self._teachers}
 
     def _load_union_teacher(self, directory: str) -> Student:
         union_teacher = load_student(directory)

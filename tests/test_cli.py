@@ -179,10 +179,68 @@ def test_progress_bar_is_rich_in_a_terminal_and_tqdm_in_a_log_file(tmp_path, ima
 
 
 def test_predict_returns_task_probabilities(tmp_path, image_tree):
-    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student())
-    cli = run(["predict", "--config", str(cfg), "--trainer.fast_dev_run", "1"])
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
+                         trainer={"max_steps": 1, "limit_val_batches": 0})
+    fit = run(["fit", "--config", str(cfg)])
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    # Without the run's checkpoint, predictions would come from the untrained student: refused.
+    with pytest.raises(ValueError, match="predict without --ckpt_path uses the model as built, untrained"):
+        run(["predict", "--config", str(cfg), "--trainer.fast_dev_run", "1"])
+    with pytest.warns(UserWarning, match="validate without --ckpt_path"):
+        run(["validate", "--config", str(cfg), "--trainer.fast_dev_run", "1"])
+    cli = run(["predict", "--config", str(cfg), "--trainer.fast_dev_run", "1", "--ckpt_path", ckpt])
     preds = cli.trainer.predict_loop.predictions
     assert preds, "predict produced nothing"
     batch = preds[0]
     assert batch["probs/a"].shape[1] == 2 and batch["probs/b"].shape[1] == 3
     torch.testing.assert_close(batch["probs/b"].sum(1), torch.ones(len(batch["probs/b"])))
+
+
+def test_ckpt_path_that_is_not_the_config_s_kind_of_run_is_refused(tmp_path, image_tree):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student())
+    # A plain state dict (a teacher's weights) is not a Lightning run's checkpoint.
+    weights = tmp_path / "weights.pth"
+    torch.save({"conv.weight": torch.zeros(2)}, weights)
+    with pytest.raises(ValueError, match=r"not a checkpoint written by a Lightning run .*'conv.weight'"):
+        run(["validate", "--config", str(cfg), "--ckpt_path", str(weights)])
+    # A teacher's (Classifier's) checkpoint for an amalgamation config: named, not silently swapped in.
+    from amalgam import Classifier
+
+    classifier = Classifier(arch="resnet10t", classes=TASK_CLASSES["a"], task="a", input_size=32,
+                            model_kwargs={"channels": [8, 8, 16, 16], "stem_width": 8})
+    teacher_run = tmp_path / "teacher.ckpt"  # what `fit` of a teacher config writes (hyper-parameters included)
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": classifier.state_dict(),
+                "hyper_parameters": {**classifier.hparams, "_class_path": "amalgam.Classifier",
+                                     "_instantiator": "lightning.pytorch.cli.instantiate_module"}}, teacher_run)
+    with pytest.raises(ValueError, match=r"holds a amalgam.Classifier but the config's model is a .*AmalgamationModule"):
+        run(["validate", "--config", str(cfg), "--ckpt_path", str(teacher_run)])
+
+
+def test_a_teacher_predicts_through_the_same_writer(tmp_path, image_tree):
+    import csv
+
+    import yaml
+
+    from amalgam import Classifier
+
+    classifier = Classifier(arch="resnet10t", classes=TASK_CLASSES["b"], task="b", input_size=32,
+                            model_kwargs={"channels": [8, 8, 16, 16], "stem_width": 8})
+    ckpt = tmp_path / "teacher.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": classifier.state_dict(),
+                "hyper_parameters": {**classifier.hparams, "_class_path": "amalgam.Classifier"}}, ckpt)
+    out = tmp_path / "predictions.csv"
+    cfg = tmp_path / "teacher.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "amalgam.callbacks.PredictionWriter", "init_args": {"output": str(out)}}]},
+        "model": {"class_path": "amalgam.Classifier", "init_args": dict(classifier.hparams)},
+        "data": {"class_path": "amalgam.data.ImageFolderDataModule",
+                 "init_args": {"train_dir": image_tree["train"], "batch_size": 5, "num_workers": 0}}}))
+    run(["predict", "--config", str(cfg), "--ckpt_path", str(ckpt)])
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24 and list(rows[0]) == ["image", "union_task", "union_class", "b", "b_prob"]
+    for row in rows:  # one task: its top class is the union's
+        assert row["union_task"] == "b" and row["union_class"] == row["b"] in TASK_CLASSES["b"]
+        assert 1 / 3 <= float(row["b_prob"]) <= 1

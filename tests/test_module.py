@@ -222,10 +222,22 @@ def test_mixup_and_strong_views_feed_teachers_and_student_the_same_view(tmp_path
     ({"selflabel_threshold": 1.5}, r"model.selflabel_threshold: .* in \[0, 1\)"),
     ({"contrast_temperature": -1.0}, r"model.contrast_temperature: "),
     ({"loss_weights": {"neighbour": 1.0}, "neighbour_k": 0}, r"model.neighbour_bank_size/neighbour_k: "),
+    ({"loss_weights": {"mmd": -1.0}}, r"model.loss_weights must be >= 0 \(0 turns a term off\), got \{'mmd': -1.0\}"),
+    ({"lr": -0.1}, r"model.lr must be >= 0, got -0.1"),
+    ({"block_lr": float("nan")}, r"model.block_lr must be >= 0, got nan"),
+    ({"block_width": 0}, r"model.block_width must be >= 1 and model.block_depth >= 0, got 0 and 1"),
 ])
 def test_bad_loss_settings_name_their_config_key(args, message):
     with pytest.raises(ValueError, match=message):
-        AmalgamationModule([teacher("a", "resnet")], student(), block_width=8, block_depth=1, **args)
+        AmalgamationModule([teacher("a", "resnet")], student(), **{"block_width": 8, "block_depth": 1, **args})
+
+
+def test_teachers_sharing_a_class_name_are_told_it_stays_two_classes():
+    with pytest.warns(UserWarning, match=r"more than one teacher has classes named \['cat'\]"):
+        module = AmalgamationModule([teacher("a", "resnet", tap=None),
+                                     teacher("b", "resnet", tap=None, classes=["cat", "bus", "van"])],
+                                    student(tap=None))
+    assert module.union_classes == [("a", "cat"), ("a", "dog"), ("b", "cat"), ("b", "bus"), ("b", "van")]
 
 
 def test_bad_tap_lists_valid_ones():

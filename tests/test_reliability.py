@@ -499,6 +499,19 @@ def test_weights_only_false_resumes_from_a_trusted_checkpoint_that_holds_objects
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+def test_a_config_that_builds_another_model_than_the_checkpoint_says_so_in_one_message(tmp_path, image_tree,
+                                                                                       capsys):
+    cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet")], student(),
+                         trainer={"max_steps": 1, "limit_val_batches": 0, "enable_checkpointing": True,
+                                  "callbacks": [_every_step_checkpoint(tmp_path / "ckpt")]})
+    assert run_entry(["fit", "--config", str(cfg)], capsys)[0] == 0
+    code, err = run_entry(["validate", "--config", str(cfg), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+                           "--model.init_args.block_width", "16"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "the model this config builds differs from the one in the checkpoint (size mismatch for blocks.0" in err
+    assert "config.yaml" in err
+
+
 def test_truncated_checkpoints_are_named_as_broken_not_as_code(tmp_path, image_tree, capsys):
     whole = tmp_path / "whole.ckpt"
     torch.save({"state_dict": _resnet_state(), "hyper_parameters": {}}, whole)
