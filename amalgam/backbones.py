@@ -10,9 +10,9 @@ Models that are not timm models are tapped with forward hooks on the named modul
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +22,17 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from amalgam.checkpointing import refusal_reason
+from amalgam.checkpointing import not_a_file_error, refusal_reason, refuses_code, unreadable_message
 
 Tap = str | int
 POOLED = "pooled"
 
 
-def build_model(arch: str, num_classes: int, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+def build_model(arch: str, num_classes: int, model_kwargs: dict[str, Any] | None = None,
+                owner: str = "model") -> nn.Module:
     """A timm architecture name, or a dotted ``package.module.Class`` path to any nn.Module.
 
-    Never downloads: weights come from local checkpoints (``load_weights``).
+    Never downloads: weights come from local checkpoints (``load_weights``). ``owner`` names the network in errors.
     """
     kwargs = dict(model_kwargs or {})
     if "." in arch and not timm.is_model(arch):
@@ -39,12 +40,16 @@ def build_model(arch: str, num_classes: int, model_kwargs: dict[str, Any] | None
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"Cannot import model class {arch!r}: {err}. Give a timm model name "
+            raise ValueError(f"{owner}: cannot import model class {arch!r}: {err}. Give a timm model name "
                              f"(timm.list_models()) or an importable 'package.module.Class'.") from err
         return cls(num_classes=num_classes, **kwargs)
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
-        raise ValueError(f"Unknown architecture {arch!r}: not a timm model name. Similar names: {close}")
+        # Spelling neighbours catch typos ("resnet10tt"); the family glob, names that only share a stem.
+        close = (difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+                 or timm.list_models(f"*{arch.split('_')[0]}*")[:8])
+        hint = f"Did you mean one of {close}?" if close else "timm.list_models() lists the valid names."
+        raise ValueError(f"{owner}: unknown architecture {arch!r}, not a timm model name. {hint} "
+                         f"Fix its 'arch'.")
     return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
 
 
@@ -180,7 +185,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist. Check the path in your config.")
+        raise not_a_file_error(path, "Check the path in your config.")
     if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):
         from safetensors.torch import load_file
 
@@ -190,16 +195,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             raise ValueError(f"Checkpoint {str(path)!r} is not a readable safetensors file: {err}") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # what weights_only raises for anything but tensors and containers
+    except Exception as err:
+        if not refuses_code(path, err):  # truncated, corrupt, or no checkpoint at all: nothing to run
+            raise ValueError(unreadable_message(path, err)) from err
         raise ValueError(
             f"Refused to load {str(path)!r}: it is not a plain tensor checkpoint ({type(err).__name__}: "
             f"{refusal_reason(err)}). Loading it would mean running pickled code. "
             f"Re-save its state_dict with safetensors (safetensors.torch.save_file) or as plain tensors."
         ) from err
-    except Exception as err:
-        raise ValueError(f"Cannot read checkpoint {str(path)!r} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}): the file is truncated, corrupt, or not "
-                         f"a PyTorch checkpoint.") from err
     for key in ("state_dict", "model", "model_state_dict", "module"):  # Lightning / common trainers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -265,7 +268,7 @@ def load_weights(model: nn.Module, path: str | Path, owner: str, num_classes: in
     own = model.state_dict()
     try:
         state = strip_prefix(read_state_dict(path), set(own), prefix)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # a missing file, a folder, an unreadable or refused file
         where = "" if str(path) in str(err) else f" (checkpoint {str(path)!r})"
         raise type(err)(f"{owner}: {err}{where}") from err
     for key in set(own) - set(state):
@@ -392,11 +395,23 @@ class TappedNetwork(nn.Module):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  model_kwargs: dict[str, Any] | None = None, owner: str = "model") -> None:
         super().__init__()
-        self.model = use_small_map_convs(build_model(arch, num_classes, model_kwargs))
+        # Checked here: a bad value would otherwise fail in the first step, or turn the loss NaN.
+        if input_size is not None and input_size < 1:
+            raise ValueError(f"{owner}: 'input_size' is {input_size}; give the side in pixels (at least 1), or "
+                             f"leave it out for the model's default")
+        for key, values in (("mean", mean), ("std", std)):
+            if values is not None and len(values) not in (1, 3):
+                raise ValueError(f"{owner}: '{key}' has {len(values)} values {list(values)}; give 1 (all "
+                                 f"channels) or 3 (R, G, B)")
+        if std is not None and not all(s > 0 for s in std):
+            raise ValueError(f"{owner}: 'std' is {list(std)}; every value must be > 0 (the images are divided "
+                             f"by it)")
+        self.model = use_small_map_convs(build_model(arch, num_classes, model_kwargs, owner))
         size, default_mean, default_std = default_preprocessing(self.model)
-        self.input_size = int(input_size or size)
-        self.register_buffer("mean", torch.tensor(mean or default_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std or default_std).view(1, -1, 1, 1), persistent=False)
+        self.input_size = size if input_size is None else int(input_size)
+        mean, std = default_mean if mean is None else mean, default_std if std is None else std
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.tapper = FeatureTapper(self.model, taps, owner)
 
     def preprocess(self, images: Tensor) -> Tensor:

@@ -64,32 +64,90 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if weights_only is False or "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         if not Path(path).is_file():
-            raise FileNotFoundError(f"Checkpoint file {str(path)!r} not found; check --ckpt_path.")
+            raise not_a_file_error(Path(path), "Check --ckpt_path.")
         try:
             on_cpu = map_location or (lambda storage, loc: storage)
             return torch.load(path, map_location=on_cpu, weights_only=True)
-        except pickle.UnpicklingError as err:  # what weights_only raises for anything but tensors and containers
-            raise RefusedCheckpointError(path, err) from err
         except Exception as err:
-            raise UnreadableCheckpointError(path, err) from err
+            raise checkpoint_error(path, err) from err
+
+
+CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
+
+
+def not_a_file_error(path: Path, fix: str) -> OSError:
+    """The error for a checkpoint path that names no file. A relative path is shown as given and as looked up
+    from the current folder: a run started from another folder looks for another file."""
+    shown = repr(str(path))
+    if not path.is_absolute():
+        shown += f" (looked up from {Path.cwd()}: {path.absolute()})"
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        listing = f" (it holds {inside[:5]}{' ...' if len(inside) > 5 else ''})" if inside else ""
+        return IsADirectoryError(f"Checkpoint {shown} is a folder, not a file: give the path of the checkpoint "
+                                 f"file itself{listing}.")
+    return FileNotFoundError(f"Checkpoint {shown} does not exist. {fix}")
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _head(path: str | Path) -> bytes:
+    """The file's first bytes; b"" when there is no local file to read (a remote URL)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_POINTER))
+    except (OSError, TypeError, ValueError):
+        return b""
+
+
+def _foreign(head: bytes) -> bool:
+    """Bytes no torch.save wrote: it writes a zip archive ("PK"), older versions a pickle (protocol byte 0x80)."""
+    return bool(head) and not head.startswith((b"PK", b"\x80"))
+
+
+def unreadable_message(path: str | Path, err: BaseException, truncated_hint: str = "") -> str:
+    """Why ``torch.load`` could not read ``path``, told from the file's first bytes: for a file that is no
+    checkpoint at all, torch's own error ("Unsupported operand 118", "mmap can only be used...") misleads."""
+    where = f"Cannot read checkpoint {str(path)!r}"
+    head = _head(path)
+    if head == LFS_POINTER:  # a clone made without git-lfs, or before `git lfs pull`
+        return (f"{where}: it is a Git LFS pointer (a small text file standing in for the weights), not the "
+                f"checkpoint. Run `git lfs pull` in its repository to download the real file.")
+    if _foreign(head):
+        return f"{where}: it is not a PyTorch checkpoint (neither a zip archive nor a pickle). Is it the right file?"
+    return (f"{where} ({type(err).__name__}: {refusal_reason(err)}): the file is truncated, corrupt, or not a "
+            f"PyTorch checkpoint.{truncated_hint}")
+
+
+def refuses_code(path: str | Path, err: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` failed on a pickle that names a class or function it will not
+    run ("GLOBAL posix.system"). It raises the same UnpicklingError for bytes that are no pickle at all (a
+    text file, an image, an LFS pointer: "Unsupported operand 118"), which are no code to refuse."""
+    return (isinstance(err, pickle.UnpicklingError) and not _foreign(_head(path))
+            and re.search(r"GLOBAL|allowlisted|unrecognized function", str(err)) is not None)
+
+
+def refusal_reason(err: BaseException) -> str:
+    """The telling line of ``torch.load``'s error: for a weights_only failure the unpickler's own message
+    (the one naming the blocked global, "posix.system"), not torch's long generic preamble; terminal colour
+    codes removed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0] if lines else "")
+
+
+def checkpoint_error(path: str | Path, err: BaseException) -> ValueError:
+    """What a failed ``torch.load`` of ``path`` tells the user: refused code, or an unreadable file."""
+    return (RefusedCheckpointError if refuses_code(path, err) else UnreadableCheckpointError)(path, err)
 
 
 class UnreadableCheckpointError(ValueError):
     """A checkpoint file that is truncated, corrupt or not a PyTorch checkpoint at all."""
 
     def __init__(self, path: str | Path, err: BaseException) -> None:
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-        super().__init__(
-            f"Cannot read checkpoint {str(path)!r} ({type(err).__name__}: {reason}): the file is truncated, "
-            f"corrupt, or not a PyTorch checkpoint. A run stopped while writing a checkpoint leaves the previous "
-            f"file intact: use that one.")
-
-
-def refusal_reason(err: BaseException) -> str:
-    """The telling line of ``torch.load(weights_only=True)``'s refusal: the one naming the blocked global
-    ("posix.system"), not its long generic preamble; terminal colour codes removed."""
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()]
-    return next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0] if lines else "")
+        super().__init__(unreadable_message(path, err, " A run stopped while writing a checkpoint leaves the "
+                                                       "previous file intact: use that one."))
 
 
 class RefusedCheckpointError(ValueError):

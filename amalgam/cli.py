@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import importlib
 import os
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from amalgam.callbacks import ExactResume
-from amalgam.checkpointing import AtomicCheckpointIO, RefusedCheckpointError, UnreadableCheckpointError
+from amalgam.checkpointing import AtomicCheckpointIO, checkpoint_error
 
 
 class AmalgamCLI(LightningCLI):
@@ -65,11 +64,9 @@ class AmalgamCLI(LightningCLI):
             return
         weights_only = self.config[subcommand].get("weights_only") is not False
         try:
-            ckpt = torch.load(ckpt_path, weights_only=weights_only, map_location="cpu", mmap=True)
-        except pickle.UnpicklingError as err:
-            raise RefusedCheckpointError(ckpt_path, err) from err
+            ckpt = load_lazily(ckpt_path, weights_only)
         except Exception as err:
-            raise UnreadableCheckpointError(ckpt_path, err) from err
+            raise checkpoint_error(ckpt_path, err) from err
         if not (isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt):
             raise ValueError(
                 f"--ckpt_path {ckpt_path!r} is not a checkpoint written by a Lightning run (a .ckpt from `fit`): "
@@ -157,6 +154,17 @@ class AmalgamCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def load_lazily(path: str, weights_only: bool) -> Any:
+    """``torch.load`` with the tensors memory-mapped, not read; files of torch's pre-zip format cannot be
+    mapped and are read whole."""
+    try:
+        return torch.load(path, weights_only=weights_only, map_location="cpu", mmap=True)
+    except RuntimeError as err:
+        if "mmap can only be used with files saved with" not in str(err):
+            raise
+        return torch.load(path, weights_only=weights_only, map_location="cpu")
 
 
 def describe(obj: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, NotRequired, TypedDict
 
 import lightning as L
@@ -73,6 +74,10 @@ class Teacher(L.LightningModule):
         super().__init__()
         if not classes:
             raise ValueError(f"teacher {task!r}: 'classes' is empty; list the class names of its logits")
+        repeated = [name for name, n in Counter(classes).items() if n > 1]
+        if repeated:
+            raise ValueError(f"teacher {task!r}: 'classes' lists {repeated} more than once ({list(classes)}); "
+                             f"give each of its logits its own name")
         if checkpoint is not None and not str(checkpoint).strip():
             raise ValueError(f"teacher {task!r}: 'checkpoint' is an empty string (an unset variable?); give the "
                              f"path of its weights, or leave the key out for a randomly initialised teacher")
@@ -84,7 +89,9 @@ class Teacher(L.LightningModule):
         # A checkpoint written by amalgam knows the preprocessing the network was trained with: a teacher at
         # the timm defaults instead (224 px, ImageNet statistics) would run but answer poorly.
         saved = saved_preprocessing(checkpoint) if checkpoint else {}
-        input_size, mean, std = input_size or saved.get("input_size"), mean or saved.get("mean"), std or saved.get("std")
+        # `is None`, not `or`: a given 0 or [] is a mistake for TappedNetwork to name, not a value to replace.
+        input_size = saved.get("input_size") if input_size is None else input_size
+        mean, std = saved.get("mean") if mean is None else mean, saved.get("std") if std is None else std
         if saved.get("classes") and list(saved["classes"]) != self.classes:
             rank_zero_warn(f"teacher {task!r}: classes {self.classes} differ from those its checkpoint was trained "
                            f"on, {list(saved['classes'])}: the logits are read in the order given here.")

@@ -78,6 +78,16 @@ def test_a_teacher_takes_its_preprocessing_and_checks_its_classes_from_a_classif
                 model_kwargs=TINY["resnet"]["model_kwargs"])
 
 
+def test_a_teacher_with_a_class_name_twice_is_refused():
+    """Two logits of one name: its evaluation labels and the union head could not tell them apart."""
+    from amalgam import Teacher
+
+    with pytest.raises(ValueError, match=r"^teacher 'b': 'classes' lists \['car'\] more than once "
+                                         r"\(\['car', 'car', 'van'\]\); give each of its logits its own name"):
+        Teacher("b", ["car", "car", "van"], TINY["resnet"]["arch"], input_size=SIZE,
+                model_kwargs=TINY["resnet"]["model_kwargs"])
+
+
 class Stopped(Exception):
     pass
 

@@ -136,7 +136,7 @@ def test_predict_cli_streams_one_row_per_image(output, trained, tmp_path, capsys
 
 def test_export_errors_say_what_is_wrong(trained, tmp_path, capsys):
     code = entry_point(["export", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "o")])
-    assert code == 1 and "none.ckpt' not found" in capsys.readouterr().err
+    assert code == 1 and "none.ckpt' does not exist" in capsys.readouterr().err
     plain = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {"w": torch.ones(1)}}, plain)
     code = entry_point(["export", "--ckpt", str(plain), "--out", str(tmp_path / "o")])

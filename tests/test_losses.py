@@ -103,6 +103,9 @@ def test_kd_concat_is_kl_against_concatenated_teachers():
     kd = SoftTargetKD("concat", temperature=1.0)
     assert kd(s, [t1, t2], [(0, 3), (3, 7)]).item() == pytest.approx(naive_kl(s, torch.cat([t1, t2], 1), 1.0),
                                                                      rel=1e-5)
+    # At T != 1 (kd: concat with another temperature, union_kd) the KL is scaled by T^2, as in slice mode.
+    assert SoftTargetKD("concat", temperature=4.0)(s, [t1, t2], [(0, 3), (3, 7)]).item() == pytest.approx(
+        16 * naive_kl(s, torch.cat([t1, t2], 1), 4.0), rel=1e-5)
     # KL equals the paper's cross-entropy minus the (constant) teacher entropy.
     q = torch.cat([t1, t2], 1).softmax(1)
     ce = -(q * s.log_softmax(1)).sum(1).mean()
@@ -430,6 +433,11 @@ def test_self_label_running_mean_is_saved_only_when_sized_for_the_union():
 def test_self_label_threshold_outside_unit_interval_is_refused(threshold):
     with pytest.raises(ValueError, match="threshold"):
         SelfLabel(threshold)
+
+
+def test_a_pseudo_label_exactly_at_the_threshold_counts():
+    weak = torch.zeros(4, 2)  # aligned probability exactly 0.5 for both classes
+    assert SelfLabel(0.5)(weak, torch.zeros(4, 2))[1].item() == 1.0
 
 
 def test_self_label_threshold_edges_are_accepted():

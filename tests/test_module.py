@@ -482,3 +482,27 @@ def test_evaluation_metrics_match_naive_formulas():
         for true, pred in zip(y.tolist(), s.argmax(1).tolist()):
             expected[true, pred] += 1
     assert torch.equal(module.confusion["val"], expected)
+
+
+def test_each_parameter_group_gets_its_learning_rate_and_the_schedule_warms_up_then_decays_to_zero():
+    import math
+
+    from amalgam.module import warmup_cosine
+
+    module = AmalgamationModule([teacher("a", "resnet")], student(), block_width=8, block_depth=1, lr=0.1,
+                                head_lr=0.3, block_lr=0.05, weight_decay=0.01)
+    groups = {g["name"]: g for g in module.parameter_groups()}
+    assert {name: g["lr"] for name, g in groups.items()} == {"student": 0.1, "head": 0.3, "blocks": 0.05}
+    assert {g["weight_decay"] for g in groups.values()} == {0.01}
+    default = AmalgamationModule([teacher("a", "resnet")], student(), block_width=8, block_depth=1, lr=0.1)
+    assert {g["lr"] for g in default.parameter_groups()} == {0.1}  # head_lr, block_lr default to lr
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = warmup_cosine(optimizer, warmup=2, total=10)
+    factors = []
+    for _ in range(12):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    expected = [(s + 1) / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - 2) / 8))) for s in range(12)]
+    assert factors == pytest.approx(expected, abs=1e-12)
+    assert factors[10] == pytest.approx(0.0, abs=1e-12) and factors[11] == pytest.approx(0.0, abs=1e-12)

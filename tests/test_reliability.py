@@ -576,6 +576,18 @@ def test_cli_wires_atomic_io_and_exact_resume_by_default(tmp_path, image_tree):
     assert sum(isinstance(c, ExactResume) for c in trainer.callbacks) == 1
 
 
+def test_training_images_come_in_a_shuffled_order_that_changes_every_epoch(image_tree):
+    from amalgam.data import ImageFolderDataModule
+
+    data = ImageFolderDataModule(train_dir=image_tree["train"], image_size=32, batch_size=4, num_workers=0)
+    sampler = data.train_dataloader().sampler  # folders are listed in sorted order: the sampler must mix them
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(first) == sorted(second) == list(range(24))
+    assert first != list(range(24)) and second != first
+
+
 def test_resumable_sampler_order_is_a_function_of_seed_and_epoch():
     def order(epoch, seed=0, **kw):
         sampler = ResumableSampler(10, seed=seed, **kw)
