@@ -41,6 +41,20 @@ def test_summarize_means_and_stds_per_method_and_teachers_once_per_seed():
     assert results["S2"]["teachers"] == {"a": pytest.approx(0.93), "b": pytest.approx(0.9)}
 
 
+def test_balance_offsets_make_the_mean_prediction_uniform_and_undo_a_skew_between_classes():
+    # Balanced true classes, predictions skewed toward class 0 and away from class 4 by fixed offsets.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat(200)
+    clean = torch.nn.functional.one_hot(labels, 5).float() * 2 + torch.randn(1000, 5, generator=g)
+    skewed = clean + torch.tensor([3.0, 0, 0, 0, -2.0])
+    offsets = accuracy.balance_offsets(skewed)
+    mean_p = (skewed + offsets).softmax(1).mean(0)
+    torch.testing.assert_close(mean_p, torch.full((5,), 0.2), atol=1e-3, rtol=0)
+    # On a class-balanced pool the label-free offset recovers what the skew took away.
+    raw, balanced, truth = ((z.argmax(1) == labels).float().mean().item() for z in (skewed, skewed + offsets, clean))
+    assert raw < truth - 0.2 and balanced == pytest.approx(truth, abs=0.02)
+
+
 def test_paired_table_subtracts_the_baseline_of_the_same_seed_and_skips_unpaired_seeds():
     runs = [*RUNS, run("S2", "kd_slice", 2, 0.5, 0.5, 0.5, 0.9)]  # seed 2 has no amalgam run: left out
     table = accuracy.paired_table(runs, "amalgam")

@@ -902,6 +902,33 @@ def test_task_gate_weight_gates_every_batchnorm_teacher_from_its_own_layer_input
     assert module.task_gates["a"].linear.weight.grad.abs().sum() > 0
 
 
+def test_task_gate_reads_a_view_and_its_mirror_averaged_under_teacher_flip_average():
+    torch.manual_seed(0)
+    module = AmalgamationModule([teacher("a", "resnet", tap="vector"), teacher("b", "vit", tap="vector")],
+                                student(tap="vector"), block_width=8, block_depth=1,
+                                loss_weights={"task_gate": 1.0}, teacher_flip_average=True).train()
+    gate, seen = module.task_gates["a"], []
+    forward = gate.forward
+    gate.forward = lambda moments, log_odds: (seen.append(moments.clone()), forward(moments, log_odds))[1]
+    images, logits = torch.rand(4, 3, SIZE, SIZE), torch.randn(4, 5)
+    for view in (images, images.flip(-1)):
+        module.teacher_outputs(view)
+        module.task_gate_terms(logits)
+    # The moments of a batch and of its mirror image are the same: each is the mean over both views.
+    torch.testing.assert_close(seen[0], seen[1])
+    layers = [m for m in module.teachers[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    per_view = []
+    for view in (images, images.flip(-1)):
+        inputs: list = []
+        hooks = [m.register_forward_pre_hook(lambda m, i, seen=inputs: seen.append(batchnorm_moments(i[0], m)))
+                 for m in layers]
+        module.teachers[0](view)
+        for hook in hooks:
+            hook.remove()
+        per_view.append(torch.cat(inputs[: len(layers)], 1))
+    torch.testing.assert_close(seen[0], (per_view[0] + per_view[1]) / 2, rtol=1e-4, atol=1e-5)
+
+
 def test_task_gate_names_what_it_cannot_work_with():
     with pytest.raises(ValueError, match=r"none of the teachers \['a'\] has BatchNorm"):
         AmalgamationModule([teacher("a", "vit", tap="vector")], student(tap="vector"),
