@@ -47,6 +47,13 @@ class Classifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
+        tasks = list(getattr(datamodule, "task_classes", None) or {})
+        if tasks and self.hparams.task not in tasks:
+            # Unmatched, the data's label order would go unchecked against model.classes: logit i would be
+            # trained on another class than classes[i] names.
+            raise ValueError(f"classifier task {self.hparams.task!r} is not one of the data's tasks {tasks}: set "
+                             f"model.task to the task it learns (the data's labels are then checked against "
+                             f"model.classes)")
         if hasattr(datamodule, "check_task_classes") and self.hparams.task in getattr(datamodule, "task_classes", {}):
             # Class folders matched to these names as for an amalgamation ('/' written '_'), in this order.
             datamodule.check_task_classes({self.hparams.task: list(self.hparams.classes)})

@@ -142,8 +142,8 @@ class AmalgamationModule(L.LightningModule):
             student all see the blend: the teachers then label points between images ("function matching").
             Blends never repeat, so a teacher cache only misses.
         shared_strong_view: teachers and student see a strongly augmented view (``strong_view``: shift, flip,
-            cut-out) of every training image instead of the data module's view: consistent strong augmentation,
-            the other half of "function matching".
+            cut-out) of every training image, drawn on top of the data module's view: consistent strong
+            augmentation, the other half of "function matching".
         union_teacher: a student trained earlier on the same tasks and classes, as written by ``python -m amalgam
             export``. With loss weight ``union_kd`` this student also imitates its softmax over the whole union
             at ``temperature`` ("born-again" self-distillation): the earlier student's choice between tasks,
@@ -437,10 +437,15 @@ class AmalgamationModule(L.LightningModule):
                                  "cache; give the number of views to keep instead (e.g. teacher_cache: 60000)")
             setting = len(dataset)
         datamodule = self.trainer.datamodule if self._trainer else None
-        if getattr(datamodule, "padding", 0) or getattr(datamodule, "flip", False):
-            rank_zero_warn("model.teacher_cache is on but the data module crops/flips training images at random:"
-                           " views rarely repeat, so the cache will mostly miss. Set data padding: 0 and "
-                           "flip: false to let it skip the teachers after the first epoch.")
+        random_views = [name for name, on in [("model.mixup_alpha", self.init_args.mixup_alpha),
+                                              ("model.shared_strong_view", self.init_args.shared_strong_view),
+                                              ("data padding", getattr(datamodule, "padding", 0)),
+                                              ("data flip", getattr(datamodule, "flip", False))] if on]
+        if random_views:
+            rank_zero_warn(f"model.teacher_cache is on but the teachers see views drawn at random ({', '.join(random_views)}):"
+                           f" they rarely repeat, so the cache will mostly miss and hold views never read again. "
+                           f"Turn those off (data padding: 0, flip: false) to let it skip the teachers after the "
+                           f"first epoch, or the cache off.")
         return TeacherCache(int(setting))
 
     def student_outputs(self, images: Tensor) -> Features:

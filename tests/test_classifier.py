@@ -56,6 +56,16 @@ def test_data_classes_must_match():
         model.setup("fit")
 
 
+def test_a_task_the_data_does_not_have_is_refused_not_left_unchecked():
+    # The default task name, as in a config that leaves `task` out.
+    model = Classifier(classes=TASK_CLASSES["b"], input_size=SIZE, **TINY["resnet"])
+    model.trainer = SimpleNamespace(datamodule=SimpleNamespace(task_classes={"b": ["car", "van", "bus"]}))  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"classifier task 'task' is not one of the data's tasks \['b'\]"):
+        model.setup("fit")
+    model.trainer = SimpleNamespace(datamodule=SimpleNamespace(task_classes={}))  # type: ignore[assignment]
+    model.setup("predict")  # a data module without labelled tasks (predict): nothing to check
+
+
 def test_a_teacher_takes_its_preprocessing_and_checks_its_classes_from_a_classifier_checkpoint(tmp_path):
     from amalgam import Teacher
 

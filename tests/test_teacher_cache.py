@@ -72,7 +72,7 @@ def test_cache_keys_follow_pixels_and_capacity_caps_rows():
         TeacherCache(0)
 
 
-def _fit(tmp_path, image_tree, monkeypatch, cache: bool, flip: bool = False):
+def _fit(tmp_path, image_tree, monkeypatch, cache: bool, flip: bool = False, **model_args):
     tmp_path.mkdir(parents=True, exist_ok=True)
     calls: list[tuple[int, int]] = []  # (epoch, images) per teacher call during training
     forward = Teacher.forward
@@ -86,7 +86,7 @@ def _fit(tmp_path, image_tree, monkeypatch, cache: bool, flip: bool = False):
 
     monkeypatch.setattr(Teacher, "forward", counting_forward)
     cfg = amalgam_config(tmp_path, image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student(),
-                         model_args={"teacher_cache": cache},
+                         model_args={"teacher_cache": cache, **model_args},
                          trainer={"max_epochs": 2, "limit_val_batches": 0, "deterministic": True})
     cli = main(["--config", str(cfg), "--data.init_args.padding", "0", "--data.init_args.flip", str(flip)],
                run=False)
@@ -109,5 +109,7 @@ def test_fit_with_teacher_cache_runs_teachers_once_and_trains_the_same(tmp_path,
 
 
 def test_teacher_cache_warns_when_views_are_random(tmp_path, image_tree, monkeypatch):
-    with pytest.warns(UserWarning, match="views rarely repeat"):
-        _fit(tmp_path, image_tree, monkeypatch, cache=True, flip=True)
+    with pytest.warns(UserWarning, match=r"views drawn at random \(data flip\): they rarely repeat"):
+        _fit(tmp_path / "flip", image_tree, monkeypatch, cache=True, flip=True)
+    with pytest.warns(UserWarning, match=r"views drawn at random \(model.mixup_alpha\)"):
+        _fit(tmp_path / "mixup", image_tree, monkeypatch, cache=True, mixup_alpha=0.5)
