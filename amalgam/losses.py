@@ -232,6 +232,14 @@ class SelfLabel(nn.Module):
         # All zeros until the first batch: a mean prediction sums to 1, so the sum tells, without a host sync.
         self.register_buffer("mean_prediction", torch.zeros(num_classes or 0), persistent=num_classes is not None)
 
+    # The running mean follows the module's device, not its dtype: in bf16 (precision bf16-true) a 1% update
+    # would be lost to rounding.
+    def _apply(self, fn: Any, recurse: bool = True) -> SelfLabel:
+        mean = self.mean_prediction
+        super()._apply(fn, recurse)
+        self.mean_prediction = mean.to(device=self.mean_prediction.device)
+        return self
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         key = prefix + "mean_prediction"
         if "mean_prediction" not in self._non_persistent_buffers_set:

@@ -429,6 +429,17 @@ def test_self_label_running_mean_is_saved_only_when_sized_for_the_union():
         SelfLabel(0.5, momentum=1.0)
 
 
+def test_self_label_running_mean_stays_float32_in_a_bf16_module():
+    # precision bf16-true casts the module; a 1% update of a bf16 mean would round away.
+    term = torch.nn.ModuleDict({"term": SelfLabel(0.5, momentum=0.99, num_classes=4)}).to(torch.bfloat16)["term"]
+    assert term.mean_prediction.dtype == torch.float32
+    first, second = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]]), torch.tensor([[0, 0, 3.0, 0], [0, 0, 0, 3.0]])
+    term(first, first)
+    term(second, second)
+    expected = 0.99 * first.softmax(1).mean(0) + 0.01 * second.softmax(1).mean(0)
+    torch.testing.assert_close(term.mean_prediction, expected)
+
+
 @pytest.mark.parametrize("threshold", [-0.1, 1.0, 1.5, float("nan")])
 def test_self_label_threshold_outside_unit_interval_is_refused(threshold):
     with pytest.raises(ValueError, match="threshold"):
