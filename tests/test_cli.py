@@ -151,6 +151,10 @@ def test_print_config_and_module_entry_point(tmp_path, image_tree):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "amalgam.AmalgamationModule" in out.stdout and "loss_weights" in out.stdout
+    # A class's own help (built by jsonargparse from argv[0]) names the command, not __main__.py.
+    out = subprocess.run([sys.executable, "-m", "amalgam", "fit", "--model.help", "amalgam.AmalgamationModule"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m amalgam --model.teachers"), out.stdout[:200]
 
 
 def test_help_names_the_command_and_the_export_subcommand(capsys):
