@@ -638,6 +638,15 @@ class AmalgamationModule(L.LightningModule):
             # Every step would be skipped (see training_step): the run would end with the student untouched.
             raise ValueError(f"data.batch_size is {datamodule.batch_size}: amalgamation needs at least 2 images "
                              f"per step (the union prior, BatchNorm and MMD average over the batch); set it >= 2.")
+        batch = getattr(datamodule, "batch_size", None)
+        if stage == "fit" and isinstance(batch, int) and self.loss_weights["balance"]:
+            images = batch * self.trainer.world_size  # balance's batch mean spans every process (batch_mean)
+            if images < self.num_classes:
+                rank_zero_warn(f"loss_weights.balance asks the mean prediction over {images} images per step to be "
+                               f"uniform over {self.num_classes} classes: with fewer images than classes only "
+                               f"unsure predictions meet it, and it works against confident ones (entropy). Use "
+                               f"batches of at least {self.num_classes} images (over all processes), or a lower "
+                               f"balance weight.")
         self.eval_tasks = list(self.task_names)
         task_classes = getattr(datamodule, "task_classes", None)
         if stage in ("validate", "test") and task_classes is not None and not task_classes:

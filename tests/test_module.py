@@ -506,3 +506,21 @@ def test_each_parameter_group_gets_its_learning_rate_and_the_schedule_warms_up_t
     expected = [(s + 1) / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - 2) / 8))) for s in range(12)]
     assert factors == pytest.approx(expected, abs=1e-12)
     assert factors[10] == pytest.approx(0.0, abs=1e-12) and factors[11] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_balance_with_fewer_images_per_step_than_union_classes_is_flagged():
+    import warnings
+    from types import SimpleNamespace
+
+    module = AmalgamationModule([teacher("a", "resnet", tap=None), teacher("b", "resnet", tap=None)],
+                                student(tap=None), loss_weights={"balance": 1.0})  # 5 union classes
+    def flagged(batch, processes):
+        module.trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=batch), world_size=processes)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module.setup("fit")
+        return [str(w.message) for w in caught if "loss_weights.balance" in str(w.message)]
+
+    (said,) = flagged(4, 1)
+    assert "over 4 images per step to be uniform over 5 classes" in said
+    assert not flagged(5, 1) and not flagged(2, 4)  # 2 images on each of 4 processes: 8 in the batch mean
