@@ -178,7 +178,8 @@ class UnionPrior(nn.Module):
     slice gets, so task-agnostic accuracy hinges on arbitrary offsets between slices. Two terms set it:
     - ``balance``: ``log K - H(mean_batch p)``, zero when the batch's mean prediction is uniform over the K
       union classes (the unlabeled pool is assumed roughly class-balanced); under DDP the mean is over every
-      process's batch (``batch_mean``);
+      process's batch (``batch_mean``). With fewer images in that batch than classes, only unsure predictions
+      can meet it: use batches of at least K images;
     - ``entropy``: ``mean H(p)``, small when each image commits to one class, which moves the boundary
       between look-alike classes of different teachers into low-density regions of the student's features.
     Returns both terms; weigh them with ``loss_weights.balance`` and ``loss_weights.entropy``.
