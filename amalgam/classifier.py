@@ -48,7 +48,7 @@ class Classifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         tasks = list(getattr(datamodule, "task_classes", None) or {})
-        if tasks and self.hparams.task not in tasks:
+        if stage != "predict" and tasks and self.hparams.task not in tasks:  # predict reads no labels
             # Unmatched, the data's label order would go unchecked against model.classes: logit i would be
             # trained on another class than classes[i] names.
             raise ValueError(f"classifier task {self.hparams.task!r} is not one of the data's tasks {tasks}: set "

@@ -22,6 +22,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import (
+    Callback,
     Checkpoint,
     ModelCheckpoint,
     ProgressBar,
@@ -35,6 +36,33 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from amalgam.callbacks import ExactResume
 from amalgam.checkpointing import AtomicCheckpointIO, checkpoint_error
+
+
+class UntrainedModelCheck(Callback):
+    """Without a checkpoint (no --ckpt_path, or `--ckpt_path last` where there is none yet) the model is as
+    built: an untrained student (or teacher). Scoring it may be meant (a baseline); writing its predictions
+    never is. Checked once Lightning has resolved the checkpoint path."""
+
+    def __init__(self, subcommand: str) -> None:
+        self.subcommand = subcommand
+
+    def _check(self, trainer: Trainer) -> None:
+        if trainer.ckpt_path:
+            return
+        message = (f"{self.subcommand} without a checkpoint uses the model as built, untrained; give the one that "
+                   f"fit wrote: --ckpt_path .../checkpoints/last.ckpt")
+        if self.subcommand == "predict":
+            raise ValueError(message)
+        rank_zero_warn(message)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check(trainer)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check(trainer)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check(trainer)
 
 
 class AmalgamCLI(LightningCLI):
@@ -65,6 +93,11 @@ class AmalgamCLI(LightningCLI):
         weights_only = self.config[subcommand].get("weights_only") is not False
         try:
             ckpt = load_lazily(ckpt_path, weights_only)
+        except (ImportError, AttributeError) as err:
+            if weights_only:
+                raise checkpoint_error(ckpt_path, err) from err
+            raise ValueError(f"--ckpt_path {ckpt_path!r} pickles objects of code that cannot be loaded here ({err}): "
+                             f"install the package that wrote it") from err
         except Exception as err:
             raise checkpoint_error(ckpt_path, err) from err
         if not (isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt):
@@ -95,7 +128,7 @@ class AmalgamCLI(LightningCLI):
         saved_class = self.config[subcommand]["model"].get("class_path")
         if not given_class or not saved_class or given_class == saved_class:
             return
-        if not issubclass(import_class(saved_class), import_class(given_class)):
+        if not same_or_subclass(saved_class, given_class):
             raise ValueError(
                 f"--ckpt_path {ckpt_path!r} holds a {saved_class} but the config's model is a {given_class}. "
                 f"Give the checkpoint of a run of the config's model (its checkpoints/last.ckpt); teacher "
@@ -108,7 +141,8 @@ class AmalgamCLI(LightningCLI):
         given = getattr(self, "_given", None)
         given = given.get(f"{subcommand}.model.init_args") if given is not None else None
         after = self.config[subcommand].get("model")
-        if given is None or before is None or after is None or before.get("class_path") != after.get("class_path"):
+        if given is None or before is None or after is None or not same_or_subclass(after.get("class_path"),
+                                                                                     before.get("class_path")):
             return
         for key in vars(given):
             saved, wanted = after["init_args"].get(key), before["init_args"][key]
@@ -118,24 +152,13 @@ class AmalgamCLI(LightningCLI):
             after["init_args"][key] = {**saved, **wanted} if merge else wanted
 
     def before_validate(self) -> None:
-        self._check_trained("validate")
+        self.trainer.callbacks.append(UntrainedModelCheck("validate"))
 
     def before_test(self) -> None:
-        self._check_trained("test")
+        self.trainer.callbacks.append(UntrainedModelCheck("test"))
 
     def before_predict(self) -> None:
-        self._check_trained("predict")
-
-    def _check_trained(self, subcommand: str) -> None:
-        """Without --ckpt_path the model is as built: an untrained student (or teacher). Scoring it may be meant
-        (a baseline); writing its predictions never is."""
-        if self.config_init[subcommand].get("ckpt_path"):
-            return
-        message = (f"{subcommand} without --ckpt_path uses the model as built, untrained; give the checkpoint "
-                   f"that fit wrote: --ckpt_path .../checkpoints/last.ckpt")
-        if subcommand == "predict":
-            raise ValueError(message)
-        rank_zero_warn(message)
+        self.trainer.callbacks.append(UntrainedModelCheck("predict"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A rich progress bar unless the config chose another bar or none: long runs should show progress.
@@ -178,6 +201,14 @@ def describe(obj: Any) -> str:
 def import_class(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def same_or_subclass(class_path: str | None, base_path: str | None) -> bool:
+    """Whether ``class_path`` names ``base_path``'s class or a subclass of it (however either is spelt:
+    ``amalgam.AmalgamationModule`` is ``amalgam.module.AmalgamationModule``)."""
+    if not class_path or not base_path:
+        return False
+    return class_path == base_path or issubclass(import_class(class_path), import_class(base_path))
 
 
 DESCRIPTION = ("Knowledge amalgamation: one student learns the tasks of several frozen teachers from unlabeled "

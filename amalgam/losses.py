@@ -231,14 +231,18 @@ class SelfLabel(nn.Module):
             raise ValueError(f"self-labelling momentum must be in [0, 1), got {momentum}")
         self.threshold, self.momentum = threshold, momentum
         # All zeros until the first batch: a mean prediction sums to 1, so the sum tells, without a host sync.
-        self.register_buffer("mean_prediction", torch.zeros(num_classes or 0), persistent=num_classes is not None)
+        self.register_buffer("mean_prediction", torch.zeros(num_classes or 0, dtype=torch.float32),
+                             persistent=num_classes is not None)
 
     # The running mean follows the module's device, not its dtype: in bf16 (precision bf16-true) a 1% update
     # would be lost to rounding.
     def _apply(self, fn: Any, recurse: bool = True) -> SelfLabel:
         mean = self.mean_prediction
         super()._apply(fn, recurse)
-        self.mean_prediction = mean.to(device=self.mean_prediction.device)
+        moved = self.mean_prediction
+        # From the meta device (to_empty) there are no values to keep: nothing seen yet.
+        self.mean_prediction = (torch.zeros_like(moved, dtype=torch.float32) if mean.is_meta
+                                else mean.to(device=moved.device))
         return self
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:

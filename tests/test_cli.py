@@ -187,10 +187,15 @@ def test_predict_returns_task_probabilities(tmp_path, image_tree):
                          trainer={"max_steps": 1, "limit_val_batches": 0})
     fit = run(["fit", "--config", str(cfg)])
     ckpt = fit.trainer.checkpoint_callback.last_model_path
-    # Without the run's checkpoint, predictions would come from the untrained student: refused.
-    with pytest.raises(ValueError, match="predict without --ckpt_path uses the model as built, untrained"):
+    # Without the run's checkpoint, predictions would come from the untrained student: refused, also when
+    # `--ckpt_path last` finds none (Lightning then only warns).
+    with pytest.raises(ValueError, match="predict without a checkpoint uses the model as built, untrained"):
         run(["predict", "--config", str(cfg), "--trainer.fast_dev_run", "1"])
-    with pytest.warns(UserWarning, match="validate without --ckpt_path"):
+    (tmp_path / "fresh").mkdir()
+    fresh = amalgam_config(tmp_path / "fresh", image_tree, [teacher("a", "resnet"), teacher("b", "vit")], student())
+    with pytest.raises(ValueError, match="predict without a checkpoint"):
+        run(["predict", "--config", str(fresh), "--ckpt_path", "last", "--trainer.limit_predict_batches", "1"])
+    with pytest.warns(UserWarning, match="validate without a checkpoint"):
         run(["validate", "--config", str(cfg), "--trainer.fast_dev_run", "1"])
     cli = run(["predict", "--config", str(cfg), "--trainer.fast_dev_run", "1", "--ckpt_path", ckpt])
     preds = cli.trainer.predict_loop.predictions

@@ -438,6 +438,20 @@ def test_self_label_running_mean_stays_float32_in_a_bf16_module():
     term(second, second)
     expected = 0.99 * first.softmax(1).mean(0) + 0.01 * second.softmax(1).mean(0)
     torch.testing.assert_close(term.mean_prediction, expected)
+    # Built under a bf16 default dtype (Trainer(precision="bf16-true").init_module()), or on the meta device
+    # and then materialised: float32, and nothing seen yet.
+    import lightning as L
+
+    with L.Trainer(precision="bf16-true", accelerator="cpu", logger=False).init_module():
+        built = SelfLabel(0.5, num_classes=4)
+    with torch.device("meta"):
+        meta = SelfLabel(0.5, num_classes=4)
+    meta = meta.to_empty(device="cpu")
+    for term in (built, meta):
+        assert term.mean_prediction.dtype == torch.float32 and term.mean_prediction.sum() == 0
+        term(first, first)
+        term(second, second)
+        torch.testing.assert_close(term.mean_prediction, expected)
 
 
 @pytest.mark.parametrize("threshold", [-0.1, 1.0, 1.5, float("nan")])

@@ -497,6 +497,21 @@ def test_weights_only_false_resumes_from_a_trusted_checkpoint_that_holds_objects
     code, err = run_entry(["fit", "--config", str(cfg), *more, "--weights_only", "false"], capsys)
     assert code == 0, err
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+    # Trusted, but pickling a class of a package that is not installed here: named as that, not as corrupt.
+    (tmp_path / "gone_pkg.py").write_text("class Note:\n    pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import gone_pkg
+
+        ckpt["notes"] = gone_pkg.Note()
+        torch.save(ckpt, trusted)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("gone_pkg", None)
+        (tmp_path / "gone_pkg.py").unlink()
+    code, err = run_entry(["validate", "--config", str(cfg), "--ckpt_path", str(trusted), "--weights_only", "false"],
+                          capsys)
+    assert code == 1 and "pickles objects of code that cannot be loaded here (No module named 'gone_pkg')" in err
 
 
 def test_a_config_that_builds_another_model_than_the_checkpoint_says_so_in_one_message(tmp_path, image_tree,

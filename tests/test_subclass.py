@@ -100,6 +100,15 @@ def test_a_subclass_that_fixes_base_arguments_runs_and_reloads(tmp_path, image_t
     (ckpt,) = (tmp_path / "run").rglob("last.ckpt")
     again = main(["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)])
     assert again.trainer.global_step == 3 and again.model.init_args.temperature == 4.0
+    # The subclass's checkpoint under a config naming the base class (spelt another way): the checkpoint's class
+    # is built, and the arguments the user gave still outrank the saved ones.
+    config = yaml.safe_load(cfg.read_text())
+    config["model"]["class_path"] = "amalgam.module.AmalgamationModule"
+    cfg.write_text(yaml.safe_dump(config))
+    base = main(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--model.init_args.evaluate_teachers",
+                 "false", "--model.init_args.lr", "0.5"])
+    assert type(base.model) is SlicePreset
+    assert base.model.init_args.evaluate_teachers is False and base.model.init_args.lr == 0.5
 
 
 def test_a_subclass_that_builds_its_student_exports(tmp_path, image_tree, capsys):
