@@ -126,9 +126,7 @@ class AmalgamCLI(LightningCLI):
         given = getattr(self, "_given", None)
         given_class = given.get(f"{subcommand}.model.class_path") if given is not None else None
         saved_class = self.config[subcommand]["model"].get("class_path")
-        if not given_class or not saved_class or given_class == saved_class:
-            return
-        if not same_or_subclass(saved_class, given_class):
+        if given_class and saved_class and not same_or_subclass(saved_class, given_class):
             raise ValueError(
                 f"--ckpt_path {ckpt_path!r} holds a {saved_class} but the config's model is a {given_class}. "
                 f"Give the checkpoint of a run of the config's model (its checkpoints/last.ckpt); teacher "
