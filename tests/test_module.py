@@ -261,6 +261,11 @@ def test_common_feature_block_aligns_teacher_maps_to_the_student_grid_using_ever
     out.targets[0].sum().backward()
     assert (vit.grad != 0).all()
     assert torch.allclose(out.targets[0].mean((2, 3)), vit.mean((2, 3)), atol=0.2)
+    # A map that shrinks along one side only (7 rows to 3, 2 columns to 8) is antialiased too.
+    block = CommonFeatureBlock((8, 3, 8), [(6, 7, 2)], width=4, depth=1, names=["tall"])
+    tall = torch.randn(2, 6, 7, 2, requires_grad=True)
+    block(torch.randn(2, 8, 3, 8), [tall]).targets[0].sum().backward()
+    assert (tall.grad != 0).all()
 
 
 @pytest.mark.parametrize("shapes", [((8, 3, 3), [(6, 3, 3), (5, 3, 3)]), ((8,), [(6,), (5,)])], ids=["map", "vector"])
